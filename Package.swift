@@ -1,0 +1,52 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "mirrorfs",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "mirrorfs", targets: ["mirrorfs"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+    ],
+    targets: [
+        // libfuse3's low-level API; shim.h wraps what libfuse exposes only as version macros.
+        .systemLibrary(
+            name: "CFuse",
+            path: "CFuse",
+            pkgConfig: "fuse3",
+            providers: [.apt(["libfuse3-dev"])]
+        ),
+        // Linux file APIs that Glibc's module leaves out (O_DIRECT, fallocate, SEEK_DATA).
+        .target(name: "CLinux"),
+        // The block-job engine: devices, filter, job state. No FUSE, no sockets.
+        .target(
+            name: "MirrorCore",
+            dependencies: ["CLinux", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        // The kernel boundary: fuse_lowlevel_ops → MirrorCore calls → replies.
+        .target(
+            name: "MirrorFUSE",
+            dependencies: ["CFuse", "CLinux", "MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .executableTarget(
+            name: "mirrorfs",
+            dependencies: [
+                "CLinux", "MirrorCore", "MirrorFUSE",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .testTarget(
+            name: "MirrorCoreTests",
+            dependencies: ["MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        // Real kernel mounts driven through the built `mirrorfs` binary and real clients.
+        .testTarget(
+            name: "MirrorFUSETests",
+            dependencies: ["mirrorfs"]
+        ),
+    ]
+)

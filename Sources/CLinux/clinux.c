@@ -1,0 +1,22 @@
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <spawn.h>
+#include <unistd.h>
+#include "clinux.h"
+
+const int CLINUX_O_DIRECT = O_DIRECT;
+const int CLINUX_SEEK_DATA = SEEK_DATA;
+const int CLINUX_SEEK_HOLE = SEEK_HOLE;
+const int CLINUX_FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;
+const int CLINUX_FALLOC_FL_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
+const int CLINUX_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
+const int CLINUX_POSIX_SPAWN_SETSID = POSIX_SPAWN_SETSID;
+
+int clinux_pipe2_cloexec(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC);
+}
+
+int clinux_fallocate(int fd, int mode, off_t offset, off_t length) {
+    return fallocate(fd, mode, offset, length);
+}

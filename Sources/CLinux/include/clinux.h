@@ -1,0 +1,20 @@
+#ifndef MIRRORFS_CLINUX_H
+#define MIRRORFS_CLINUX_H
+
+// Linux-only file APIs that Swift's Glibc module hides behind _GNU_SOURCE. The header
+// stays free of _GNU_SOURCE (it would clash with the Glibc module); clinux.c defines it.
+#include <sys/types.h>
+
+extern const int CLINUX_O_DIRECT;
+extern const int CLINUX_SEEK_DATA;
+extern const int CLINUX_SEEK_HOLE;
+extern const int CLINUX_FALLOC_FL_KEEP_SIZE;
+extern const int CLINUX_FALLOC_FL_PUNCH_HOLE;
+extern const int CLINUX_FALLOC_FL_ZERO_RANGE;
+
+extern const int CLINUX_POSIX_SPAWN_SETSID;
+
+int clinux_pipe2_cloexec(int fds[2]);
+int clinux_fallocate(int fd, int mode, off_t offset, off_t length);
+
+#endif

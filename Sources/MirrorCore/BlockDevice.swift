@@ -1,0 +1,37 @@
+import SystemPackage
+
+/// How a request wants the device's cache treated: `.direct` comes from a client that
+/// opened the image O_DIRECT (QEMU's cache=none) and is passed through when the device can.
+public enum CachePolicy: Sendable {
+    case cached
+    case direct
+}
+
+/// What the allocation of a byte range looks like, as SEEK_DATA/SEEK_HOLE report it.
+public enum SeekTarget: Sendable {
+    case data
+    case hole
+}
+
+/// A fixed-size block device the mirror reads from or writes to. All methods may block
+/// and are called from many threads at once; none is called on Swift's cooperative pool.
+public protocol BlockDevice: AnyObject, Sendable {
+    /// Size in bytes; fixed for the device's lifetime.
+    var size: UInt64 { get }
+    /// Reads up to `buffer.count` bytes at `offset`; returns fewer only at the end.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno) -> Int
+    /// Writes all of `buffer` at `offset`; the range lies inside the device.
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno)
+    /// Makes completed writes durable.
+    func flush(dataOnly: Bool) throws(Errno)
+    /// Deallocates the range; it reads back as zeroes afterwards.
+    func punchHole(at offset: UInt64, length: UInt64) throws(Errno)
+    /// Zeroes the range, leaving it allocated.
+    func zeroRange(at offset: UInt64, length: UInt64) throws(Errno)
+    /// Preallocates the range without changing its contents.
+    func preallocate(at offset: UInt64, length: UInt64) throws(Errno)
+    /// The first offset ≥ `offset` that starts `target`; ENXIO when there is none.
+    func seek(_ target: SeekTarget, from offset: UInt64) throws(Errno) -> UInt64
+    /// Bytes the device occupies on its storage (st_blocks × 512 for a file).
+    func allocatedBytes() throws(Errno) -> UInt64
+}

@@ -1,0 +1,138 @@
+import CFuse
+import Glibc
+import MirrorCore
+import Synchronization
+import SystemPackage
+
+/// The mount's fixed tree (hello_ll style: constant inode numbers, no inode table).
+enum Node: fuse_ino_t {
+    case root = 1
+    case image = 2
+    case statusDirectory = 3
+    case jobJSON = 4
+    case eventsJSONL = 5
+
+    static let statusDirectoryName = ".status"
+    static let jobJSONName = "job.json"
+    static let eventsJSONLName = "events.jsonl"
+}
+
+/// State the FUSE callbacks reach through `fuse_req_userdata`: the filter every image
+/// request goes through, the image's presentation, and snapshots of open status files.
+public final class FUSEFileSystem: Sendable {
+    public let filter: MirrorFilter
+    /// The image's file name in the mount (SOURCE's file name).
+    public let imageName: String
+    /// Ownership and permission bits the image shows: those of SOURCE at mount time.
+    let owner: (uid: uid_t, gid: gid_t)
+    let imagePermissions: mode_t
+    let mountTime: timespec
+    /// Called once the kernel's INIT has been answered for: the mount is usable.
+    let onReady: @Sendable () -> Void
+
+    /// Each open of a status file reads one snapshot, taken at open: every open sees the
+    /// state of that moment, and reads within one open are consistent (procfs style).
+    private let statusSnapshots = Mutex<(next: UInt64, contents: [UInt64: [UInt8]])>((1, [:]))
+    /// Buffers for image reads: page aligned, so O_DIRECT reads need no bounce copy.
+    let readBuffers: AlignedBufferPool
+
+    public static let maxWrite = 1 << 20
+
+    public init(filter: MirrorFilter, imageName: String, uid: uid_t, gid: gid_t, permissions: mode_t,
+                readBuffers: AlignedBufferPool, onReady: @escaping @Sendable () -> Void) {
+        self.filter = filter
+        self.imageName = imageName
+        self.owner = (uid, gid)
+        self.imagePermissions = filter.isReadOnly ? permissions & ~0o222 : permissions
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        self.mountTime = now
+        self.readBuffers = readBuffers
+        self.onReady = onReady
+    }
+
+    // MARK: - Tree
+
+    func child(of parent: fuse_ino_t, named name: String) -> Node? {
+        switch (Node(rawValue: parent), name) {
+        case (.root, imageName): .image
+        case (.root, Node.statusDirectoryName): .statusDirectory
+        case (.statusDirectory, Node.jobJSONName): .jobJSON
+        case (.statusDirectory, Node.eventsJSONLName): .eventsJSONL
+        default: nil
+        }
+    }
+
+    /// Directory entries of `node`, "." and ".." first.
+    func entries(of node: Node) -> [(name: String, node: Node)]? {
+        switch node {
+        case .root: [(".", .root), ("..", .root), (imageName, .image), (Node.statusDirectoryName, .statusDirectory)]
+        case .statusDirectory: [(".", .statusDirectory), ("..", .root), (Node.jobJSONName, .jobJSON), (Node.eventsJSONLName, .eventsJSONL)]
+        default: nil
+        }
+    }
+
+    /// Attributes of `node`. The image's size and blocks come from its device on every
+    /// call (attr timeout 0), so stat always shows the current allocation.
+    func attributes(of node: Node) -> Result<stat, Errno> {
+        var st = stat()
+        st.st_ino = UInt(node.rawValue)
+        st.st_uid = owner.uid
+        st.st_gid = owner.gid
+        st.st_atim = mountTime
+        st.st_mtim = mountTime
+        st.st_ctim = mountTime
+        st.st_blksize = 4096
+        switch node {
+        case .root, .statusDirectory:
+            st.st_mode = S_IFDIR | 0o555
+            st.st_nlink = node == .root ? 3 : 2
+        case .image:
+            st.st_mode = S_IFREG | imagePermissions
+            st.st_nlink = 1
+            st.st_size = off_t(filter.size)
+            switch Result(catching: { () throws(Errno) in try filter.allocatedBytes() }) {
+            case .success(let bytes): st.st_blocks = blkcnt_t((bytes + 511) / 512)
+            case .failure(let e): return .failure(e)
+            }
+        case .jobJSON, .eventsJSONL:
+            st.st_mode = S_IFREG | 0o444
+            st.st_nlink = 1
+            st.st_size = off_t(statusContent(of: node).count)
+        }
+        return .success(st)
+    }
+
+    // MARK: - Status files
+
+    func statusContent(of node: Node) -> [UInt8] {
+        switch node {
+        case .jobJSON: Array(filter.jobJSON().utf8)
+        case .eventsJSONL: Array(filter.events.text().utf8)
+        default: []
+        }
+    }
+
+    func openStatusSnapshot(of node: Node) -> UInt64 {
+        let content = statusContent(of: node)
+        return statusSnapshots.withLock { state in
+            let handle = state.next
+            state.next += 1
+            state.contents[handle] = content
+            return handle
+        }
+    }
+
+    /// The bytes of snapshot `handle` from `offset`, at most `size` of them.
+    func statusSnapshot(_ handle: UInt64, offset: Int, size: Int) -> [UInt8]? {
+        statusSnapshots.withLock { state in
+            guard let content = state.contents[handle] else { return nil }
+            let start = min(max(offset, 0), content.count)
+            return Array(content[start..<min(start + size, content.count)])
+        }
+    }
+
+    func closeStatusSnapshot(_ handle: UInt64) {
+        _ = statusSnapshots.withLock { $0.contents.removeValue(forKey: handle) }
+    }
+}

@@ -1,0 +1,67 @@
+import CLinux
+import Foundation
+
+/// The child's half of `--daemonize`: one line on a pipe, "ready" or "error <message>".
+final class ReadyPipe: Sendable {
+    let fd: Int32
+    init(fd: Int32) { self.fd = fd }
+
+    func report(success: Void) { send("ready\n") }
+    func report(failure message: String) { send("error \(message)\n") }
+
+    private func send(_ line: String) {
+        let bytes = Array(line.utf8)
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+    }
+}
+
+/// `--daemonize` re-spawns this executable in the foreground mode, detached in its own
+/// session with its output in the log file, instead of forking a process that may
+/// already run threads. The parent returns only when the child reports the mount usable.
+enum Daemon {
+    static func spawnAndWait(arguments: [String], mountpoint: String, logFile: String?) throws {
+        let log = try logFile ?? (RuntimeDirectory.path() + "/" + RuntimeDirectory.name(for: mountpoint, suffix: ".log"))
+        var pipeFDs: [Int32] = [0, 0]
+        guard clinux_pipe2_cloexec(&pipeFDs) == 0 else { throw CLIError("pipe: \(String(cString: strerror(errno)))") }
+        let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
+        let childFD: Int32 = 3
+        var childArguments = arguments.filter { $0 != "--daemonize" }
+        childArguments += ["--ready-fd", String(childFD)]
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, childFD)  // dup2 clears CLOEXEC
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, Int16(CLINUX_POSIX_SPAWN_SETSID))
+
+        var pid: pid_t = 0
+        let argv = childArguments.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let status = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, argv, environ)
+        close(writeEnd)
+        defer { close(readEnd) }
+        guard status == 0 else { throw CLIError("cannot start the daemon: \(String(cString: strerror(status)))") }
+
+        var reply = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 512)
+        while true {
+            let n = read(readEnd, &chunk, chunk.count)
+            if n > 0 { reply += chunk[0..<n]; continue }
+            if n < 0 && errno == EINTR { continue }
+            break
+        }
+        let line = String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if line == "ready" { return }
+        if line.hasPrefix("error ") { throw CLIError(String(line.dropFirst("error ".count))) }
+        var waitStatus: Int32 = 0
+        waitpid(pid, &waitStatus, 0)
+        throw CLIError("the daemon exited before the mount was ready; see \(log)")
+    }
+}

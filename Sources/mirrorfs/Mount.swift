@@ -1,0 +1,129 @@
+import ArgumentParser
+import Foundation
+import MirrorCore
+import MirrorFUSE
+import SystemPackage
+
+extension Mirrorfs {
+    struct Mount: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Mount SOURCE's image at MOUNTPOINT.",
+            discussion: """
+                Stays in the foreground and logs to stderr; SIGINT or SIGTERM unmount cleanly. \
+                With --daemonize it returns once the mount is usable and the daemon logs to \
+                --log-file (default: $XDG_RUNTIME_DIR/mirrorfs/, else /tmp/mirrorfs-<uid>/, \
+                named after the mountpoint).
+                """
+        )
+
+        @Argument(help: "The raw image to serve.") var source: String
+        @Argument(help: "An empty directory to mount on.") var mountpoint: String
+        @Flag(help: "Serve the image read-only.") var readOnly = false
+        @Flag(help: "Let other users reach the mount (their access still follows the image's mode).")
+        var allowOther = false
+        @Flag(help: "Run in the background; return once the mount is usable.") var daemonize = false
+        @Option(help: "The daemon's log with --daemonize.") var logFile: String?
+        /// Set by a daemonizing parent: the pipe on which this child reports readiness.
+        @Option(help: .hidden) var readyFD: Int32?
+
+        func run() throws {
+            let image = try ImageSource.validate(path: source, readOnly: readOnly)
+            let mountDirectory = try MountpointCheck.validate(path: mountpoint)
+            if daemonize {
+                try Daemon.spawnAndWait(arguments: CommandLine.arguments, mountpoint: mountDirectory, logFile: logFile)
+                return
+            }
+            let ready = readyFD.map(ReadyPipe.init(fd:))
+            do {
+                try serve(image: image, mountpoint: mountDirectory, ready: ready)
+            } catch {
+                ready?.report(failure: "\(error)")
+                throw error
+            }
+        }
+
+        private func serve(image: ImageSource, mountpoint: String, ready: ReadyPipe?) throws {
+            let pool = AlignedBufferPool(bufferSize: FUSEFileSystem.maxWrite)
+            let device: FileBlockDevice
+            do {
+                device = try FileBlockDevice(path: image.path, readOnly: readOnly, bufferPool: pool)
+            } catch {
+                throw CLIError("cannot open source '\(image.path)': \(error)")
+            }
+            let filter = MirrorFilter(source: device, readOnly: readOnly)
+            let fileSystem = FUSEFileSystem(
+                filter: filter, imageName: image.name, uid: image.uid, gid: image.gid,
+                permissions: image.permissions, readBuffers: pool,
+                onReady: {
+                    Log.info("serving \(image.path) as \(mountpoint)/\(image.name)")
+                    ready?.report(success: ())
+                })
+            var options = MountOptions(fsName: image.path)
+            options.readOnly = readOnly
+            options.allowOther = allowOther
+            let session = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options)
+            try session.run()
+            // Leave the source as durable as the unmount implies.
+            try? filter.flush(dataOnly: false)
+            Log.info("unmounted \(mountpoint)")
+        }
+    }
+}
+
+/// SOURCE, checked before anything is mounted (SPEC section 6).
+struct ImageSource {
+    let path: String
+    let name: String
+    let uid: uid_t
+    let gid: gid_t
+    let permissions: mode_t
+
+    static func validate(path: String, readOnly: Bool) throws -> ImageSource {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            throw CLIError("source '\(path)': \(String(cString: strerror(errno)))")
+        }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            throw CLIError("source '\(path)' is not a regular file")
+        }
+        let fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        guard fd >= 0 else {
+            let reason = String(cString: strerror(errno))
+            if !readOnly, access(path, R_OK) == 0 {
+                throw CLIError("source '\(path)' is not writable (\(reason)); use --read-only to serve it read-only")
+            }
+            throw CLIError("cannot read source '\(path)': \(reason)")
+        }
+        close(fd)
+        let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
+        return ImageSource(path: absolute, name: URL(fileURLWithPath: path).lastPathComponent,
+                           uid: st.st_uid, gid: st.st_gid, permissions: st.st_mode & 0o777)
+    }
+}
+
+/// MOUNTPOINT must be an existing, empty directory; returns its canonical path.
+enum MountpointCheck {
+    static func validate(path: String) throws -> String {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            if errno == ENOTCONN {
+                throw CLIError("mountpoint '\(path)' is a stale FUSE mount (Transport endpoint is not connected); clear it with 'fusermount3 -u \(path)'")
+            }
+            throw CLIError("mountpoint '\(path)': \(String(cString: strerror(errno)))")
+        }
+        guard (st.st_mode & S_IFMT) == S_IFDIR else {
+            throw CLIError("mountpoint '\(path)' is not a directory")
+        }
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: path) else {
+            throw CLIError("mountpoint '\(path)' cannot be listed")
+        }
+        guard entries.isEmpty else {
+            throw CLIError("mountpoint '\(path)' is not empty")
+        }
+        guard let resolved = realpath(path, nil) else {
+            throw CLIError("mountpoint '\(path)': \(String(cString: strerror(errno)))")
+        }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+}
