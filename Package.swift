@@ -46,7 +46,7 @@ let package = Package(
         // Real kernel mounts driven through the built `mirrorfs` binary and real clients.
         .testTarget(
             name: "MirrorFUSETests",
-            dependencies: ["mirrorfs"]
+            dependencies: ["mirrorfs", "CLinux"]
         ),
     ]
 )

@@ -16,6 +16,9 @@ const int CLINUX_POSIX_SPAWN_SETSID = POSIX_SPAWN_SETSID;
 int clinux_pipe2_cloexec(int fds[2]) {
     return pipe2(fds, O_CLOEXEC);
 }
+int clinux_spawn_addclosefrom(void *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, from);
+}
 
 int clinux_fallocate(int fd, int mode, off_t offset, off_t length) {
     return fallocate(fd, mode, offset, length);

@@ -22,6 +22,9 @@ final class ReadyPipe: Sendable {
 enum Daemon {
     static func spawnAndWait(arguments: [String], mountpoint: String, logFile: String?) throws {
         let log = try logFile ?? (RuntimeDirectory.path() + "/" + RuntimeDirectory.name(for: mountpoint, suffix: ".log"))
+        let logFD = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard logFD >= 0 else { throw CLIError("cannot open log file '\(log)': \(String(cString: strerror(errno)))") }
+        defer { close(logFD) }
         var pipeFDs: [Int32] = [0, 0]
         guard clinux_pipe2_cloexec(&pipeFDs) == 0 else { throw CLIError("pipe: \(String(cString: strerror(errno)))") }
         let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
@@ -33,9 +36,12 @@ enum Daemon {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        posix_spawn_file_actions_adddup2(&actions, logFD, 1)
+        posix_spawn_file_actions_adddup2(&actions, logFD, 2)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, childFD)  // dup2 clears CLOEXEC
+        // The daemon keeps nothing of the caller's: no inherited pipe or socket would
+        // hold a caller waiting for EOF (a shell's $(...), a test harness).
+        clinux_spawn_addclosefrom(&actions, childFD + 1)
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
@@ -44,7 +50,10 @@ enum Daemon {
         var pid: pid_t = 0
         let argv = childArguments.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
-        let status = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, argv, environ)
+        // The executable's own path: /proc/self/exe is not executable for a process
+        // that may not read its binary.
+        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? arguments[0]
+        let status = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
         close(writeEnd)
         defer { close(readEnd) }
         guard status == 0 else { throw CLIError("cannot start the daemon: \(String(cString: strerror(status)))") }

@@ -15,6 +15,8 @@ extern const int CLINUX_FALLOC_FL_ZERO_RANGE;
 extern const int CLINUX_POSIX_SPAWN_SETSID;
 
 int clinux_pipe2_cloexec(int fds[2]);
+/// posix_spawn_file_actions_addclosefrom_np: the child closes every descriptor from `from` up.
+int clinux_spawn_addclosefrom(void *actions, int from);
 int clinux_fallocate(int fd, int mode, off_t offset, off_t length);
 
 #endif

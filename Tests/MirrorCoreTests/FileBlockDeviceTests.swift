@@ -1,0 +1,90 @@
+import Foundation
+import MirrorCore
+import SystemPackage
+import XCTest
+
+final class FileBlockDeviceTests: XCTestCase {
+    private var directory: String!
+
+    override func setUpWithError() throws {
+        directory = NSTemporaryDirectory() + "/mirrorcore-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws {
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    private func makeFile(size: Int) -> String {
+        let path = directory + "/image.raw"
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        XCTAssertEqual(truncate(path, off_t(size)), 0)
+        return path
+    }
+
+    func testWritesAndReadsAtUnalignedOffsetsThroughBothCachePolicies() throws {
+        let pool = AlignedBufferPool(bufferSize: 1 << 20)
+        let device = try FileBlockDevice(path: makeFile(size: 1 << 20), readOnly: false, bufferPool: pool)
+        for (offset, count, cache) in [(0, 4096, CachePolicy.direct), (4097, 3000, .direct), (8192, 65536, .cached), (12345, 1, .cached)] {
+            let pattern = (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ offset) }
+            try pattern.withUnsafeBytes { try device.write($0, at: UInt64(offset), cache: cache) }
+            var back = [UInt8](repeating: 0, count: count)
+            let n = try back.withUnsafeMutableBytes { try device.read(into: $0, at: UInt64(offset), cache: cache) }
+            XCTAssertEqual(n, count)
+            XCTAssertEqual(back, pattern, "offset \(offset) \(cache)")
+        }
+    }
+
+    func testReadsStopAtTheEnd() throws {
+        let device = try FileBlockDevice(path: makeFile(size: 10_000), readOnly: true, bufferPool: AlignedBufferPool(bufferSize: 1 << 16))
+        var buffer = [UInt8](repeating: 1, count: 8192)
+        XCTAssertEqual(try buffer.withUnsafeMutableBytes { try device.read(into: $0, at: 8192, cache: .direct) }, 10_000 - 8192)
+        XCTAssertEqual(try buffer.withUnsafeMutableBytes { try device.read(into: $0, at: 10_000, cache: .cached) }, 0)
+    }
+
+    func testRefusesWhatIsNotARegularFile() {
+        XCTAssertThrowsError(try FileBlockDevice(path: directory, readOnly: true, bufferPool: AlignedBufferPool(bufferSize: 4096)))
+        XCTAssertThrowsError(try FileBlockDevice(path: directory + "/missing", readOnly: true, bufferPool: AlignedBufferPool(bufferSize: 4096))) {
+            XCTAssertEqual($0 as? Errno, .noSuchFileOrDirectory)
+        }
+    }
+}
+
+final class MirrorFilterTests: XCTestCase {
+    func testWritesAreCutAtTheEndAndNothingPastItFits() throws {
+        let path = NSTemporaryDirectory() + "/filter-\(UUID().uuidString).raw"
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        XCTAssertEqual(truncate(path, 4096), 0)
+        let filter = MirrorFilter(source: try FileBlockDevice(path: path, readOnly: false, bufferPool: AlignedBufferPool(bufferSize: 8192)), readOnly: false)
+        let bytes = [UInt8](repeating: 7, count: 200)
+        XCTAssertEqual(try bytes.withUnsafeBytes { try filter.write($0, at: 4000, cache: .cached) }, 96)
+        XCTAssertThrowsError(try bytes.withUnsafeBytes { try filter.write($0, at: 4096, cache: .cached) }) {
+            XCTAssertEqual($0 as? Errno, .noSpace)
+        }
+        XCTAssertThrowsError(try filter.changeAllocation(.zeroRange, at: 4000, length: 200, keepSize: false)) {
+            XCTAssertEqual($0 as? Errno, .notPermitted)
+        }
+        XCTAssertNoThrow(try filter.changeAllocation(.punchHole, at: 0, length: 1 << 20, keepSize: true))
+        XCTAssertEqual(try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int, 4096)
+    }
+
+    func testReadOnlyFilterRefusesWrites() throws {
+        let path = NSTemporaryDirectory() + "/filter-ro-\(UUID().uuidString).raw"
+        _ = FileManager.default.createFile(atPath: path, contents: Data(count: 4096))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let filter = MirrorFilter(source: try FileBlockDevice(path: path, readOnly: true, bufferPool: AlignedBufferPool(bufferSize: 4096)), readOnly: true)
+        XCTAssertThrowsError(try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try filter.write($0, at: 0, cache: .cached) }) {
+            XCTAssertEqual($0 as? Errno, .readOnlyFileSystem)
+        }
+    }
+}
+
+final class EventLogTests: XCTestCase {
+    func testKeepsTheMostRecentLinesOldestFirst() {
+        let log = EventLog(capacity: 3)
+        XCTAssertEqual(log.text(), "")
+        for i in 1...5 { log.append("{\"n\":\(i)}") }
+        XCTAssertEqual(log.text(), "{\"n\":3}\n{\"n\":4}\n{\"n\":5}\n")
+    }
+}

@@ -1,0 +1,159 @@
+import Foundation
+import XCTest
+
+/// The built `mirrorfs` executable, beside the test bundle in the build folder.
+let mirrorfsBinary: String = {
+    if let override = ProcessInfo.processInfo.environment["MIRRORFS_BIN"] { return override }
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    return exe.deletingLastPathComponent().appendingPathComponent("mirrorfs").path
+}()
+
+struct CommandResult {
+    let status: Int32
+    let stdout: String
+    let stderr: String
+}
+
+/// Runs a program to completion (killed after `timeout` seconds) and captures its output.
+@discardableResult
+func execute(_ executable: String, _ arguments: [String], timeout: TimeInterval = 120,
+         file: StaticString = #filePath, line: UInt = #line) throws -> CommandResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable.hasPrefix("/") ? executable : try which(executable))
+    process.arguments = arguments
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    // Drain both pipes while the process runs so a chatty program never blocks.
+    nonisolated(unsafe) var outData = Data(), errData = Data()
+    let group = DispatchGroup()
+    group.enter()
+    DispatchQueue.global().async { outData = out.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+    group.enter()
+    DispatchQueue.global().async { errData = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
+    let deadline = Date().addingTimeInterval(timeout)
+    while process.isRunning && Date() < deadline { usleep(10_000) }
+    if process.isRunning {
+        process.terminate()
+        XCTFail("\(executable) \(arguments.joined(separator: " ")) timed out", file: file, line: line)
+    }
+    process.waitUntilExit()
+    group.wait()
+    return CommandResult(status: process.terminationStatus,
+                         stdout: String(decoding: outData, as: UTF8.self),
+                         stderr: String(decoding: errData, as: UTF8.self))
+}
+
+func which(_ name: String) throws -> String {
+    for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
+        let candidate = "\(dir)/\(name)"
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    throw NSError(domain: "test", code: 1, userInfo: [NSLocalizedDescriptionKey: "\(name) not found in PATH"])
+}
+
+/// Runs `run` and fails the test unless it exits 0; returns stdout.
+@discardableResult
+func check(_ executable: String, _ arguments: [String], timeout: TimeInterval = 300,
+           file: StaticString = #filePath, line: UInt = #line) throws -> String {
+    let result = try execute(executable, arguments, timeout: timeout, file: file, line: line)
+    XCTAssertEqual(result.status, 0, "\(executable) \(arguments.joined(separator: " ")) failed:\n\(result.stdout)\n\(result.stderr)",
+                   file: file, line: line)
+    return result.stdout
+}
+
+/// A scratch directory removed at the end of the test.
+final class Scratch {
+    let path: String
+    init() throws {
+        let template = "/tmp/mirrorfs-test-XXXXXX"
+        var bytes = Array(template.utf8CString)
+        guard let made = mkdtemp(&bytes) else { throw POSIXError(.EIO) }
+        path = String(cString: made)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+
+    func file(_ name: String) -> String { path + "/" + name }
+
+    /// A sparse file of `size` bytes, optionally with random data in the given (offset, length) pieces.
+    @discardableResult
+    func image(_ name: String, size: UInt64, randomPieces: [(UInt64, Int)] = []) throws -> String {
+        let path = file(name)
+        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o644)
+        guard fd >= 0, ftruncate(fd, off_t(size)) == 0 else { throw POSIXError(.EIO) }
+        var generator = SystemRandomNumberGenerator()
+        for (offset, length) in randomPieces {
+            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, length, off_t(offset)) }
+        }
+        close(fd)
+        return path
+    }
+
+    func directory(_ name: String) throws -> String {
+        try FileManager.default.createDirectory(atPath: file(name), withIntermediateDirectories: true)
+        return file(name)
+    }
+}
+
+func sha256(_ path: String) throws -> String {
+    String(try check("sha256sum", [path]).prefix(64))
+}
+
+func isMounted(_ path: String) -> Bool {
+    let table = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+    return table.split(separator: "\n").contains { $0.split(separator: " ").dropFirst(4).first.map(String.init) == path }
+}
+
+/// A `mirrorfs mount` running in the foreground as a child of the test, unmounted
+/// (and waited for) at the end of the test.
+final class Mount {
+    let process = Process()
+    let mountpoint: String
+    let image: String
+    let stderrPipe = Pipe()
+
+    init(source: String, at mountpoint: String, extra: [String] = [], file: StaticString = #filePath, line: UInt = #line) throws {
+        self.mountpoint = mountpoint
+        self.image = mountpoint + "/" + URL(fileURLWithPath: source).lastPathComponent
+        process.executableURL = URL(fileURLWithPath: mirrorfsBinary)
+        process.arguments = ["mount", source, mountpoint] + extra
+        process.standardError = stderrPipe
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(10)
+        while !(isMounted(mountpoint) && FileManager.default.fileExists(atPath: image)) {
+            guard process.isRunning, Date() < deadline else {
+                process.terminate()
+                throw NSError(domain: "test", code: 1, userInfo: [NSLocalizedDescriptionKey: "mount did not come up"])
+            }
+            usleep(20_000)
+        }
+    }
+
+    /// Sends `signal` and waits for the daemon to exit; returns its exit status.
+    @discardableResult
+    func stop(signal: Int32 = SIGTERM) -> Int32 {
+        if process.isRunning { kill(process.processIdentifier, signal) }
+        return waitForExit()
+    }
+
+    func waitForExit(timeout: TimeInterval = 20) -> Int32 {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning {
+            process.interrupt()
+            _ = try? execute("/usr/bin/fusermount3", ["-u", "-z", mountpoint])
+            process.waitUntilExit()
+            return -1
+        }
+        return process.terminationStatus
+    }
+
+    deinit {
+        if process.isRunning { stop() }
+        if isMounted(mountpoint) { _ = try? execute("/usr/bin/fusermount3", ["-u", "-z", mountpoint]) }
+    }
+}
