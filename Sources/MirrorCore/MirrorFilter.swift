@@ -1,3 +1,4 @@
+import Synchronization
 import SystemPackage
 
 /// How a client asked to change a range's allocation (fallocate(2) modes the image supports).
@@ -12,24 +13,87 @@ public enum AllocationChange: Sendable, Equatable {
 
 /// Every request on the image passes through here, as every request of a QEMU guest
 /// passes through the mirror_top filter. It enforces the image's fixed size and
-/// read-only flag, then forwards to the device the image is served from.
+/// read-only flag, then forwards to the device the image is served from — through the
+/// mirror job's write path while a job runs. After a pivot it serves the target.
 public final class MirrorFilter: Sendable {
-    /// The device the image is served from.
-    public let source: any BlockDevice
     public let isReadOnly: Bool
     public let events: EventLog
+    public let size: UInt64
+    /// Called for every event after it is logged (the QMP server's broadcast).
+    private let eventListeners = Mutex<[@Sendable (JobEvent) -> Void]>([])
 
-    public var size: UInt64 { source.size }
+    private struct Routing {
+        /// The device the image is served from: the source, or the target after a pivot.
+        var device: any BlockDevice
+        /// The job that sees writes; nil when none runs or it has let go.
+        var writer: MirrorJob?
+        /// The job queries show, until it reaches `null`.
+        var visible: MirrorJob?
+    }
+    /// Leaf lock, taken per request only to read the routing; never held across I/O.
+    private let routing: Mutex<Routing>
 
     public init(source: any BlockDevice, readOnly: Bool, events: EventLog = EventLog()) {
-        self.source = source
         self.isReadOnly = readOnly || ((source as? FileBlockDevice)?.isReadOnly ?? false)
         self.events = events
+        self.size = source.size
+        self.routing = Mutex(Routing(device: source))
     }
+
+    /// The device reads and writes go to now.
+    public var device: any BlockDevice { routing.withLock { $0.device } }
+
+    /// The job queries show, if any.
+    public var job: MirrorJob? { routing.withLock { $0.visible } }
+
+    public func addEventListener(_ listener: @escaping @Sendable (JobEvent) -> Void) {
+        eventListeners.withLock { $0.append(listener) }
+    }
+
+    // MARK: - Jobs
+
+    /// Starts a mirror of the image to `target` (one job at a time, as one device has one
+    /// mirror in QEMU).
+    @discardableResult
+    public func startMirror(to target: any BlockDevice, options: MirrorOptions) throws(JobError) -> MirrorJob {
+        guard !isReadOnly else { throw JobError("Block node is read-only") }
+        let job = try MirrorJob(
+            options: options, source: device, target: target,
+            emit: { [weak self] event in self?.record(event) },
+            lifecycle: { [weak self] change in self?.jobChanged(change) })
+        try routing.withLock { (r: inout Routing) throws(JobError) in
+            if let current = r.visible {
+                throw JobError("Job ID '\(current.id)' already in use")
+            }
+            r.writer = job
+            r.visible = job
+        }
+        job.start()
+        return job
+    }
+
+    private func record(_ event: JobEvent) {
+        events.append(event.jsonLine)
+        for listener in eventListeners.withLock({ $0 }) { listener(event) }
+    }
+
+    private func jobChanged(_ change: MirrorJob.Lifecycle) {
+        routing.withLock { r in
+            switch change {
+            case .detach(let pivot):
+                if pivot, let job = r.writer { r.device = job.target }
+                r.writer = nil
+            case .dismissed:
+                r.visible = nil
+            }
+        }
+    }
+
+    // MARK: - I/O
 
     /// Reads at `offset`; fewer bytes than asked only at the end of the image.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno) -> Int {
-        try source.read(into: buffer, at: offset, cache: cache)
+        try device.read(into: buffer, at: offset, cache: cache)
     }
 
     /// Writes at `offset`, cut at the end of the image: returns the bytes written,
@@ -39,13 +103,27 @@ public final class MirrorFilter: Sendable {
         guard !buffer.isEmpty else { return 0 }
         guard offset < size else { throw .noSpace }
         let count = Int(min(UInt64(buffer.count), size - offset))
-        try source.write(UnsafeRawBufferPointer(rebasing: buffer[0..<count]), at: offset, cache: cache)
+        try route(.data(UnsafeRawBufferPointer(rebasing: buffer[0..<count])), at: offset, cache: cache)
         return count
     }
 
+    /// Sends a write to the job while one sees writes, else straight to the device.
+    private func route(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy) throws(Errno) {
+        while true {
+            let (device, writer) = routing.withLock { ($0.device, $0.writer) }
+            guard let writer else {
+                return try write.apply(to: device, at: offset, skip: 0, length: write.length, cache: cache)
+            }
+            if try writer.filterWrite(write, at: offset, cache: cache) == .done { return }
+        }
+    }
+
+    /// fsync/fdatasync: the device served; in write-blocking mode the target too.
     public func flush(dataOnly: Bool) throws(Errno) {
         guard !isReadOnly else { return }
-        try source.flush(dataOnly: dataOnly)
+        let (device, writer) = routing.withLock { ($0.device, $0.writer) }
+        try device.flush(dataOnly: dataOnly)
+        writer?.flushTargetForUser()
     }
 
     /// Applies `change` to the range. A range past the end is cut for changes that keep
@@ -57,24 +135,26 @@ public final class MirrorFilter: Sendable {
         guard offset < size, length > 0 else { return }
         let cut = min(overflow ? size : end, size) - offset
         switch change {
-        case .punchHole: try source.punchHole(at: offset, length: cut)
-        case .zeroRange: try source.zeroRange(at: offset, length: cut)
-        case .preallocate: try source.preallocate(at: offset, length: cut)
+        case .punchHole: try route(.punchHole(length: cut), at: offset, cache: .cached)
+        case .zeroRange: try route(.zeroRange(length: cut), at: offset, cache: .cached)
+        // Contents do not change: nothing for the mirror to do.
+        case .preallocate: try device.preallocate(at: offset, length: cut)
         }
     }
 
     /// SEEK_DATA/SEEK_HOLE on the image. Past the end both fail with ENXIO, as lseek(2) does.
     public func seek(_ target: SeekTarget, from offset: UInt64) throws(Errno) -> UInt64 {
         guard offset < size else { throw .noSuchAddressOrDevice }
-        return try source.seek(target, from: offset)
+        return try device.seek(target, from: offset)
     }
 
     public func allocatedBytes() throws(Errno) -> UInt64 {
-        try source.allocatedBytes()
+        try device.allocatedBytes()
     }
 
     /// `.status/job.json`: the job as QEMU's BlockJobInfo, `null` while there is none.
     public func jobJSON() -> String {
-        "null\n"
+        guard let job else { return "null\n" }
+        return job.info().jsonText + "\n"
     }
 }

@@ -1,0 +1,401 @@
+import Foundation
+import SystemPackage
+
+/// How the main loop ended.
+enum JobOutcome {
+    case converged
+    case failed(String)
+    case cancelled
+}
+
+extension MirrorJob {
+    /// Starts the job: created → running, writes tracked from this moment (before any scan,
+    /// so no write can slip between scan and tracking), then the job thread and copy workers.
+    public func start() {
+        lock.withLock {
+            transition(to: .created)
+            transition(to: .running)
+        }
+        for index in 0..<Self.maxInFlight {
+            let worker = Thread { [self] in copyWorker() }
+            worker.name = "mirror-copy-\(index)"
+            worker.start()
+        }
+        let main = Thread { [self] in run() }
+        main.name = "mirror-job"
+        main.start()
+    }
+
+    // MARK: - Main loop (mirror_run)
+
+    private func run() {
+        let outcome = setUpAndLoop()
+        exit(with: outcome)
+    }
+
+    private func setUpAndLoop() -> JobOutcome {
+        guard target.size == size else { return .failed("Source and target image have different sizes") }
+        if size == 0 {
+            lock.withLock { enterReady() }
+            activelySyncedValue.store(true, ordering: .releasing)
+        } else if options.sync == .full {
+            if options.targetIsZero {
+                markSourceDataDirty()
+            } else {
+                lock.withLock { state.dirty.setAll() }
+            }
+        }
+        return lock.withLock { mainLoop() }
+    }
+
+    /// Marks every allocated range of the source dirty (SEEK_DATA/SEEK_HOLE, on the job
+    /// thread: never on a request path). A source that cannot tell is all data.
+    private func markSourceDataDirty() {
+        var offset: UInt64 = 0
+        while offset < size {
+            let dataStart: UInt64
+            do {
+                dataStart = try source.seek(.data, from: offset)
+            } catch .noSuchAddressOrDevice {
+                return
+            } catch {
+                lock.withLock { state.dirty.set(state.dirty.chunks(covering: offset, length: size - offset)) }
+                return
+            }
+            let dataEnd = (try? source.seek(.hole, from: dataStart)) ?? size
+            lock.withLock { state.dirty.set(state.dirty.chunks(covering: dataStart, length: min(dataEnd, size) - dataStart)) }
+            offset = dataEnd
+            if lock.withLock({ state.forceCancelled }) { return }
+        }
+    }
+
+    /// One pass after another until the job converges, fails or is cancelled. Lock held.
+    private func mainLoop() -> JobOutcome {
+        while true {
+            if let error = state.error { return .failed(error) }
+            if state.forceCancelled { return .cancelled }
+            if state.userPaused {
+                pausePoint()
+                continue
+            }
+            let dirtyBytes = state.dirty.dirtyBytes
+            state.progressRemaining = dirtyBytes + state.bytesInFlight + state.activeBytesInFlight
+            state.busy = true
+
+            var launched = false
+            var rateDelay: Double = 0
+            if state.ioStatus == .ok && dirtyBytes > 0 && state.backgroundOps < Self.maxInFlight
+                && monotonicNow() >= state.retryAt {
+                rateDelay = state.becameReady ? 0 : rateLimitDelay()
+                if rateDelay == 0 { launched = iterate() }
+            }
+
+            if state.backgroundOps == 0 && state.dirty.dirtyChunks == 0 {
+                if !state.becameReady {
+                    guard flushTarget() else { continue }
+                    if state.error != nil || state.forceCancelled { continue }
+                    if state.dirty.dirtyChunks > 0 || state.backgroundOps > 0 { continue }
+                    enterReady()
+                }
+                if copyMode != .background && state.activeBytesInFlight == 0 {
+                    activelySyncedValue.store(true, ordering: .releasing)
+                }
+                if state.completeRequested || state.cancelRequested {
+                    if converge() { return .converged }
+                    continue
+                }
+            }
+            if launched { continue }
+            // Nothing to start now: wait for a completion, a write, a verb, or time.
+            state.busy = state.backgroundOps > 0
+            let idleReady = state.becameReady && state.backgroundOps == 0 && state.dirty.dirtyChunks == 0
+            if rateDelay > 0 {
+                lock.wait(timeout: rateDelay)
+            } else if state.retryAt > monotonicNow() {
+                lock.wait(timeout: state.retryAt - monotonicNow())
+            } else {
+                lock.wait(timeout: idleReady ? 0.1 : 0.1)
+            }
+        }
+    }
+
+    /// running → ready, BLOCK_JOB_READY once. Lock held.
+    private func enterReady() {
+        state.becameReady = true
+        transition(to: .ready)
+        emit(JobEvent(.ready(device: id, len: state.progressCurrent + state.progressRemaining,
+                             offset: state.progressCurrent, speed: state.speed)))
+    }
+
+    /// Flushes the target with the lock released; a failure goes to the error policy. Lock held.
+    private func flushTarget() -> Bool {
+        state.busy = true
+        let result = unlocked { Result { () throws(Errno) in try target.flush(dataOnly: false) } }
+        if case .failure(let error) = result {
+            errorAction(isRead: false, error: error)
+            return false
+        }
+        return true
+    }
+
+    /// Runs `body` with the lock released.
+    func unlocked<R>(_ body: () -> R) -> R {
+        lock.unlock()
+        defer { lock.lock() }
+        return body()
+    }
+
+    /// A user pause or an error stop takes effect: wait for background I/O, then
+    /// running → paused / ready → standby until resumed or force-cancelled. Lock held.
+    private func pausePoint() {
+        while state.backgroundOps > 0 { lock.wait() }
+        let wasReady = state.status == .ready
+        transition(to: wasReady ? .standby : .paused)
+        state.busy = false
+        while state.userPaused && !state.forceCancelled { lock.wait() }
+        transition(to: wasReady ? .ready : .running)
+    }
+
+    /// Token bucket for `speed`: seconds to wait before the next operation may start. Lock held.
+    private func rateLimitDelay() -> Double {
+        guard state.speed > 0 else { return 0 }
+        let now = monotonicNow()
+        let speed = Double(state.speed)
+        // At most one 100 ms slice of burst, as QEMU's slice quota.
+        state.allowance = min(state.allowance + (now - state.allowanceTime) * speed, speed * 0.1)
+        state.allowanceTime = now
+        return state.allowance > 0 ? 0 : -state.allowance / speed
+    }
+
+    // MARK: - One iteration (mirror_iteration)
+
+    /// Claims the next run of dirty chunks and queues it for a copy worker. Returns false
+    /// when the next dirty chunk is busy. Lock held.
+    private func iterate() -> Bool {
+        guard let first = state.dirty.nextDirty(from: state.cursor) else { return false }
+        // Background copies wait only for their first chunk (and never take one a
+        // write-blocking write is waiting for).
+        guard !state.inFlight.isDirty(first), !isWaitedForByActiveWrite(first) else {
+            state.cursor = first + 1 < state.dirty.chunkCount ? first + 1 : 0
+            return false
+        }
+        let maxChunks = Int(maxRunBytes / options.granularity)
+        var end = first + 1
+        while end < state.dirty.chunkCount, end - first < maxChunks, state.dirty.isDirty(end),
+              !state.inFlight.isDirty(end), !isWaitedForByActiveWrite(end) {
+            end += 1
+        }
+        let chunks = first..<end
+        // Clear the dirty bits before reading: a write racing with the copy re-dirties
+        // its chunk, so it is copied again.
+        state.dirty.clear(chunks)
+        state.inFlight.set(chunks)
+        state.cursor = end < state.dirty.chunkCount ? end : 0
+        let offset = UInt64(first) * options.granularity
+        let length = min(UInt64(end) * options.granularity, size) - offset
+        state.backgroundOps += 1
+        state.bytesInFlight += length
+        if state.speed > 0 && !state.becameReady { state.allowance -= Double(length) }
+        state.queue.append(CopyOperation(chunks: chunks, offset: offset, length: length))
+        lock.broadcast()
+        return true
+    }
+
+    private func isWaitedForByActiveWrite(_ chunk: Int) -> Bool {
+        state.waitingActive.contains { $0.contains(chunk) }
+    }
+
+    // MARK: - Copy workers (mirror_co_read / mirror_co_zero_or_discard)
+
+    private func copyWorker() {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(Self.maxIOBytes), alignment: 4096)
+        defer { buffer.deallocate() }
+        while true {
+            let next: CopyOperation? = lock.withLock {
+                while state.queue.isEmpty && !state.workersExit { lock.wait() }
+                return state.queue.isEmpty ? nil : state.queue.removeFirst()
+            }
+            guard let operation = next else { return }
+            let failure = perform(operation, buffer: buffer)
+            lock.withLock { operationDone(operation, failure: failure) }
+        }
+    }
+
+    /// Copies one run: data ranges are read and written (all-zero data becomes a hole),
+    /// holes are punched, so the target stays as sparse as the source.
+    private func perform(_ op: CopyOperation, buffer: UnsafeMutableRawBufferPointer) -> (isRead: Bool, error: Errno)? {
+        var offset = op.offset
+        let end = op.offset + op.length
+        while offset < end {
+            let (isData, extentEnd) = sourceExtent(at: offset, limit: end)
+            if !isData {
+                do { try zeroTarget(at: offset, length: extentEnd - offset) } catch { return (false, error) }
+                offset = extentEnd
+                continue
+            }
+            while offset < extentEnd {
+                let count = Int(min(extentEnd - offset, Self.maxIOBytes))
+                let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count])
+                do {
+                    let got = try source.read(into: piece, at: offset, cache: .direct)
+                    guard got == count else { return (true, .ioError) }
+                } catch {
+                    return (true, error)
+                }
+                do {
+                    if piece.allSatisfy({ $0 == 0 }) {
+                        try zeroTarget(at: offset, length: UInt64(count))
+                    } else {
+                        try target.write(UnsafeRawBufferPointer(piece), at: offset, cache: .direct)
+                    }
+                } catch {
+                    return (false, error)
+                }
+                offset += UInt64(count)
+            }
+        }
+        return nil
+    }
+
+    /// Whether `offset` starts data or a hole in the source, and where that extent ends.
+    private func sourceExtent(at offset: UInt64, limit: UInt64) -> (isData: Bool, end: UInt64) {
+        guard let dataStart = try? source.seek(.data, from: offset) else {
+            // ENXIO: only a hole follows. Any other error: treat as data and let the read tell.
+            if case .failure(.noSuchAddressOrDevice) = Result(catching: { () throws(Errno) in try source.seek(.data, from: offset) }) {
+                return (false, limit)
+            }
+            return (true, limit)
+        }
+        if dataStart > offset { return (false, min(dataStart, limit)) }
+        let holeStart = (try? source.seek(.hole, from: offset)) ?? limit
+        return (true, min(max(holeStart, offset + 1), limit))
+    }
+
+    /// Makes the target range read as zeroes, as a hole where the target can.
+    private func zeroTarget(at offset: UInt64, length: UInt64) throws(Errno) {
+        do {
+            try target.punchHole(at: offset, length: length)
+        } catch .notSupported {
+            try target.zeroRange(at: offset, length: length)
+        }
+    }
+
+    /// mirror_iteration_done: release the chunks; on failure re-dirty and apply the policy. Lock held.
+    private func operationDone(_ op: CopyOperation, failure: (isRead: Bool, error: Errno)?) {
+        state.inFlight.clear(op.chunks)
+        state.backgroundOps -= 1
+        state.bytesInFlight -= op.length
+        if let failure {
+            state.dirty.set(op.chunks)
+            errorAction(isRead: failure.isRead, error: failure.error)
+        } else {
+            state.progressCurrent += op.length
+            state.retryBackoff = 0.05
+        }
+        lock.broadcast()
+    }
+
+    // MARK: - Errors (mirror_error_action)
+
+    /// Every error the job handles: actively-synced false, one BLOCK_JOB_ERROR, then the
+    /// policy. Lock held.
+    func errorAction(isRead: Bool, error: Errno) {
+        activelySyncedValue.store(false, ordering: .releasing)
+        let policy = isRead ? options.onSourceError : options.onTargetError
+        emit(JobEvent(.error(device: id, operation: isRead ? "read" : "write", action: policy)))
+        switch policy {
+        case .report:
+            if state.error == nil { state.error = Self.message(for: error) }
+        case .ignore:
+            // Retried by a later pass; back off so a persistent error does not spin.
+            state.retryAt = monotonicNow() + state.retryBackoff
+            state.retryBackoff = min(state.retryBackoff * 2, 1)
+        case .stop:
+            state.ioStatus = error == .noSpace ? .nospace : .failed
+            state.userPaused = true
+        }
+        lock.broadcast()
+    }
+
+    static func message(for error: Errno) -> String {
+        String(cString: strerror(error.rawValue))
+    }
+
+    // MARK: - Convergence and exit
+
+    /// Complete or soft cancel with a clean bitmap: hold new writes back, wait for running
+    /// ones, check again, flush the target. On success new writes stay held until the
+    /// filter has switched over. Lock held.
+    private func converge() -> Bool {
+        state.drained = true
+        while state.filterWrites > 0 { lock.wait() }
+        if state.dirty.dirtyChunks > 0 || state.backgroundOps > 0 {
+            state.drained = false
+            lock.broadcast()
+            return false
+        }
+        guard flushTarget() else {
+            state.drained = false
+            lock.broadcast()
+            return false
+        }
+        return true
+    }
+
+    private func exit(with outcome: JobOutcome) {
+        lock.lock()
+        // Background operations finish before the job lets go (asserted by QEMU at exit too).
+        while state.backgroundOps > 0 { lock.wait() }
+        state.workersExit = true
+        state.queue.removeAll()
+        lock.broadcast()
+        let len = state.progressCurrent + state.progressRemaining
+
+        switch outcome {
+        case .converged:
+            let pivot = state.completeRequested
+            state.progressRemaining = 0
+            transition(to: .waiting)
+            transition(to: .pending)
+            if !options.autoFinalize {
+                emit(JobEvent(.pending(id: id)))
+                while !state.finalizeRequested && !state.forceCancelled { lock.wait() }
+            }
+            if state.forceCancelled {
+                letGo(pivot: false)
+                transition(to: .aborting)
+                emit(JobEvent(.cancelled(device: id, len: len, offset: state.progressCurrent, speed: state.speed)))
+            } else {
+                letGo(pivot: pivot)
+                emit(JobEvent(.completed(device: id, len: state.progressCurrent, offset: state.progressCurrent,
+                                         speed: state.speed, error: nil)))
+            }
+        case .failed(let message):
+            state.error = state.error ?? message
+            letGo(pivot: false)
+            transition(to: .aborting)
+            emit(JobEvent(.completed(device: id, len: len, offset: state.progressCurrent, speed: state.speed, error: state.error)))
+        case .cancelled:
+            letGo(pivot: false)
+            transition(to: .aborting)
+            emit(JobEvent(.cancelled(device: id, len: len, offset: state.progressCurrent, speed: state.speed)))
+        }
+        if state.error != nil || state.forceCancelled { activelySyncedValue.store(false, ordering: .releasing) }
+        transition(to: .concluded)
+        if !options.autoDismiss {
+            while !state.dismissRequested { lock.wait() }
+        }
+        transition(to: .null)
+        lock.unlock()
+        lifecycle(.dismissed)
+    }
+
+    /// The filter stops routing writes through the job (after switching to the target on
+    /// pivot); writes held by the drain resume against the device now served. Lock held.
+    private func letGo(pivot: Bool) {
+        unlocked { lifecycle(.detach(pivot: pivot)) }
+        state.detached = true
+        state.drained = false
+        lock.broadcast()
+    }
+}

@@ -1,0 +1,271 @@
+import Foundation
+import MirrorCore
+import Synchronization
+import SystemPackage
+import XCTest
+
+/// Collects a job's events so tests can wait for them.
+final class EventRecorder: Sendable {
+    private let events = Mutex<[JobEvent]>([])
+    var all: [JobEvent] { events.withLock { $0 } }
+    func record(_ event: JobEvent) { events.withLock { $0.append(event) } }
+
+    func names() -> [String] {
+        all.map { e in
+            if case let .statusChange(_, status) = e.kind { return "JSC " + status.rawValue }
+            return e.name
+        }
+    }
+
+    @discardableResult
+    func wait(for name: String, timeout: TimeInterval = 30, file: StaticString = #filePath, line: UInt = #line) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if names().contains(name) { return true }
+            usleep(2000)
+        }
+        XCTFail("no \(name) within \(timeout) s; saw \(names())", file: file, line: line)
+        return false
+    }
+}
+
+final class MirrorJobTests: XCTestCase {
+    private func makeFilter(size: UInt64, fill: Bool = true, seed: UInt64) -> (MirrorFilter, MemoryBlockDevice) {
+        let source = MemoryBlockDevice(size: size)
+        var rng = SeededGenerator(seed: seed)
+        if fill {
+            // Scattered data with holes between.
+            var offset: UInt64 = 0
+            while offset < size {
+                let length = min(UInt64.random(in: 1...200_000, using: &rng), size - offset)
+                if Bool.random(using: &rng) {
+                    let data = (0..<Int(length)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                    try! data.withUnsafeBytes { try source.write($0, at: offset, cache: .cached) }
+                }
+                offset += length + UInt64.random(in: 0...100_000, using: &rng)
+            }
+        }
+        return (MirrorFilter(source: source, readOnly: false), source)
+    }
+
+    /// Many threads write random (unaligned) ranges while the copier runs, the mode switches
+    /// to write-blocking midway, and the job completes: target == source byte for byte.
+    func testConcurrentWritersModeSwitchAndCompleteLeaveTargetIdentical() throws {
+        for seed in UInt64(1)...8 {
+            let size: UInt64 = 4 << 20
+            let (filter, source) = makeFilter(size: size, seed: seed)
+            let target = MemoryBlockDevice(size: size, writeDelay: 50)
+            let recorder = EventRecorder()
+            filter.addEventListener { recorder.record($0) }
+            var options = MirrorOptions(jobID: "disk.raw")
+            options.granularity = [512, 4096, 65536][Int(seed % 3)]
+            options.targetIsZero = true
+            let job = try filter.startMirror(to: target, options: options)
+
+            let stop = Atomic<Bool>(false)
+            let writers = DispatchGroup()
+            for w in 0..<6 {
+                writers.enter()
+                Thread {
+                    var rng = SeededGenerator(seed: seed * 100 + UInt64(w))
+                    while !stop.load(ordering: .relaxed) {
+                        let length = Int.random(in: 1...70_000, using: &rng)
+                        let offset = UInt64.random(in: 0..<(size - UInt64(length)), using: &rng)
+                        let value = UInt8.random(in: 0...255, using: &rng)
+                        let data = [UInt8](repeating: value, count: length)
+                        switch Int.random(in: 0..<10, using: &rng) {
+                        case 0: try? filter.changeAllocation(.punchHole, at: offset, length: UInt64(length), keepSize: true)
+                        case 1: try? filter.changeAllocation(.zeroRange, at: offset, length: UInt64(length), keepSize: true)
+                        default: _ = try? data.withUnsafeBytes { try filter.write($0, at: offset, cache: .cached) }
+                        }
+                    }
+                    writers.leave()
+                }.start()
+            }
+            usleep(100_000)
+            try job.change(copyMode: .writeBlocking)
+            recorder.wait(for: "BLOCK_JOB_READY")
+            // Writes keep coming while actively-synced must turn true.
+            let deadline = Date().addingTimeInterval(20)
+            while !job.activelySynced && Date() < deadline { usleep(1000) }
+            XCTAssertTrue(job.activelySynced, "seed \(seed): actively-synced never turned true")
+            stop.store(true, ordering: .relaxed)
+            writers.wait()
+            try job.complete()
+            recorder.wait(for: "JSC null")
+            XCTAssertTrue(filter.device === target, "after complete the image is served from the target")
+            XCTAssertNil(job.info().error)
+            XCTAssertEqual(target.contents, source.contents, "seed \(seed)")
+            let names = recorder.names()
+            XCTAssertEqual(Array(names.prefix(2)), ["JSC created", "JSC running"])
+            XCTAssertEqual(Array(names.suffix(5)), ["JSC waiting", "JSC pending", "BLOCK_JOB_COMPLETED", "JSC concluded", "JSC null"])
+        }
+    }
+
+    /// Writers keep going through complete: once the job is gone the source no longer
+    /// changes and every write lands in the target.
+    func testAfterPivotWritesGoToTheTargetOnly() throws {
+        for seed in UInt64(20)...23 {
+            let size: UInt64 = 2 << 20
+            let (filter, source) = makeFilter(size: size, seed: seed)
+            let target = MemoryBlockDevice(size: size, writeDelay: 20)
+            let recorder = EventRecorder()
+            filter.addEventListener { recorder.record($0) }
+            var options = MirrorOptions(jobID: "disk.raw")
+            options.copyMode = .writeBlocking
+            options.targetIsZero = true
+            let job = try filter.startMirror(to: target, options: options)
+            let stop = Atomic<Bool>(false)
+            let writers = DispatchGroup()
+            for w in 0..<4 {
+                writers.enter()
+                Thread {
+                    var rng = SeededGenerator(seed: seed * 31 + UInt64(w))
+                    while !stop.load(ordering: .relaxed) {
+                        let length = Int.random(in: 1...50_000, using: &rng)
+                        let offset = UInt64.random(in: 0..<(size - UInt64(length)), using: &rng)
+                        let data = [UInt8](repeating: UInt8.random(in: 0...255, using: &rng), count: length)
+                        _ = try? data.withUnsafeBytes { try filter.write($0, at: offset, cache: .cached) }
+                    }
+                    writers.leave()
+                }.start()
+            }
+            recorder.wait(for: "BLOCK_JOB_READY")
+            try job.complete()
+            recorder.wait(for: "JSC null")
+            let sourceAtEnd = source.contents
+            let targetAtEnd = target.contents
+            usleep(100_000)
+            stop.store(true, ordering: .relaxed)
+            writers.wait()
+            XCTAssertEqual(source.contents, sourceAtEnd, "seed \(seed): the source changed after the pivot")
+            XCTAssertNotEqual(target.contents, targetAtEnd, "seed \(seed): writes after the pivot reach the target")
+            var readBack = [UInt8](repeating: 0, count: Int(size))
+            _ = try readBack.withUnsafeMutableBytes { try filter.read(into: $0, at: 0, cache: .cached) }
+            XCTAssertEqual(readBack, target.contents)
+        }
+    }
+
+    func testCancelAfterReadyLeavesConsistentCopyWithoutPivot() throws {
+        let (filter, source) = makeFilter(size: 1 << 20, seed: 5)
+        let target = MemoryBlockDevice(size: 1 << 20)
+        let recorder = EventRecorder()
+        filter.addEventListener { recorder.record($0) }
+        let job = try filter.startMirror(to: target, options: MirrorOptions(jobID: "disk.raw"))
+        recorder.wait(for: "BLOCK_JOB_READY")
+        try job.cancel(force: false)
+        recorder.wait(for: "JSC null")
+        XCTAssertTrue(recorder.names().contains("BLOCK_JOB_COMPLETED"))
+        XCTAssertFalse(recorder.names().contains("BLOCK_JOB_CANCELLED"))
+        XCTAssertTrue(filter.device === source)
+        XCTAssertEqual(target.contents, source.contents)
+    }
+
+    func testCancelBeforeReadyEmitsCancelled() throws {
+        let (filter, source) = makeFilter(size: 4 << 20, seed: 6)
+        let target = MemoryBlockDevice(size: 4 << 20, writeDelay: 20_000)
+        let recorder = EventRecorder()
+        filter.addEventListener { recorder.record($0) }
+        let job = try filter.startMirror(to: target, options: MirrorOptions(jobID: "disk.raw"))
+        try job.cancel(force: false)
+        recorder.wait(for: "JSC null")
+        XCTAssertEqual(recorder.names().suffix(4), ["JSC aborting", "BLOCK_JOB_CANCELLED", "JSC concluded", "JSC null"])
+        XCTAssertTrue(filter.device === source)
+        XCTAssertEqual(filter.jobJSON(), "null\n")
+    }
+
+    func testVerbsFollowQEMUsTables() throws {
+        let (filter, _) = makeFilter(size: 1 << 20, seed: 7)
+        let target = MemoryBlockDevice(size: 1 << 20, writeDelay: 5_000)
+        let recorder = EventRecorder()
+        filter.addEventListener { recorder.record($0) }
+        var options = MirrorOptions(jobID: "job0")
+        options.speed = 64 << 10
+        let job = try filter.startMirror(to: target, options: options)
+        XCTAssertThrowsError(try job.complete()) {
+            XCTAssertEqual(($0 as? JobError)?.description, "Job 'job0' in state 'running' cannot accept command verb 'complete'")
+        }
+        XCTAssertThrowsError(try job.resume()) {
+            XCTAssertEqual(($0 as? JobError)?.description, "Can't resume a job that was not paused")
+        }
+        try job.pause()
+        XCTAssertThrowsError(try job.pause()) { XCTAssertEqual(($0 as? JobError)?.description, "Job is already paused") }
+        recorder.wait(for: "JSC paused")
+        XCTAssertThrowsError(try job.cancel(force: false)) {
+            XCTAssertEqual(($0 as? JobError)?.description, "The block job for device 'job0' is currently paused")
+        }
+        try job.resume()
+        try job.change(copyMode: .writeBlocking)
+        XCTAssertThrowsError(try job.change(copyMode: .background)) {
+            XCTAssertEqual(($0 as? JobError)?.description, "Change to copy mode 'background' is not implemented")
+        }
+        XCTAssertThrowsError(try job.setSpeed(-1))
+        try job.setSpeed(0)
+        recorder.wait(for: "BLOCK_JOB_READY")
+        try job.complete()
+        recorder.wait(for: "JSC null")
+        XCTAssertThrowsError(try job.pause()) {
+            XCTAssertEqual(($0 as? JobError)?.description, "Job 'job0' in state 'null' cannot accept command verb 'pause'")
+        }
+    }
+
+    func testTargetErrorWithStopPausesWithNospaceAndResumeFinishes() throws {
+        let (filter, source) = makeFilter(size: 2 << 20, seed: 8)
+        let target = MemoryBlockDevice(size: 2 << 20)
+        target.failWrites.withLock { $0 = (.noSpace, 3) }
+        let recorder = EventRecorder()
+        filter.addEventListener { recorder.record($0) }
+        var options = MirrorOptions(jobID: "disk.raw")
+        options.onTargetError = .stop
+        let job = try filter.startMirror(to: target, options: options)
+        recorder.wait(for: "BLOCK_JOB_ERROR")
+        recorder.wait(for: "JSC paused")
+        XCTAssertEqual(job.info().ioStatus, .nospace)
+        XCTAssertFalse(job.activelySynced)
+        // The image's user is not disturbed.
+        XCTAssertEqual(try [UInt8](repeating: 9, count: 4096).withUnsafeBytes { try filter.write($0, at: 0, cache: .cached) }, 4096)
+        while target.failWrites.withLock({ $0 != nil }) { try? job.resume(); usleep(20_000) }
+        try? job.resume()
+        recorder.wait(for: "BLOCK_JOB_READY")
+        try job.complete()
+        recorder.wait(for: "JSC null")
+        XCTAssertEqual(target.contents, source.contents)
+    }
+
+    func testTargetErrorWithReportFailsTheJobButNotTheUser() throws {
+        let (filter, _) = makeFilter(size: 2 << 20, seed: 9)
+        let target = MemoryBlockDevice(size: 2 << 20)
+        target.failWrites.withLock { $0 = (.ioError, 1) }
+        let recorder = EventRecorder()
+        filter.addEventListener { recorder.record($0) }
+        _ = try filter.startMirror(to: target, options: MirrorOptions(jobID: "disk.raw"))
+        recorder.wait(for: "JSC null")
+        let completed = recorder.all.first { $0.name == "BLOCK_JOB_COMPLETED" }
+        XCTAssertEqual(completed?.data["error"], .string("Input/output error"))
+        XCTAssertEqual(recorder.all.filter { $0.name == "BLOCK_JOB_ERROR" }.count, 1)
+        XCTAssertEqual(try [UInt8](repeating: 9, count: 4096).withUnsafeBytes { try filter.write($0, at: 0, cache: .cached) }, 4096)
+    }
+
+    func testSizeMismatchFailsAtRunTime() throws {
+        let (filter, _) = makeFilter(size: 1 << 20, seed: 10)
+        let recorder = EventRecorder()
+        filter.addEventListener { recorder.record($0) }
+        _ = try filter.startMirror(to: MemoryBlockDevice(size: 2 << 20), options: MirrorOptions(jobID: "disk.raw"))
+        recorder.wait(for: "JSC null")
+        let completed = recorder.all.first { $0.name == "BLOCK_JOB_COMPLETED" }
+        XCTAssertEqual(completed?.data["error"], .string("Source and target image have different sizes"))
+    }
+}
+
+/// SplitMix64: reproducible runs from a seed.
+struct SeededGenerator: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed &* 0x9E37_79B9_7F4A_7C15 | 1 }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
