@@ -35,11 +35,32 @@ public struct BlockJobInfo: Codable, Sendable, Equatable {
 }
 
 extension BlockJobInfo {
-    /// Compact JSON with QEMU's member names.
-    public var jsonText: String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.withoutEscapingSlashes]
-        return String(decoding: (try? encoder.encode(self)) ?? Data("null".utf8), as: UTF8.self)
+    /// The object in QEMU's member order.
+    public var jsonValue: JSONValue {
+        var members: [(String, JSONValue)] = [
+            ("type", .string(type)), ("device", .string(device)), ("len", .int(Int64(len))),
+            ("offset", .int(Int64(offset))), ("busy", .bool(busy)), ("paused", .bool(paused)),
+            ("speed", .int(Int64(speed))), ("io-status", .string(ioStatus.rawValue)), ("ready", .bool(ready)),
+            ("status", .string(status.rawValue)), ("auto-finalize", .bool(autoFinalize)),
+            ("auto-dismiss", .bool(autoDismiss)),
+        ]
+        if let error { members.append(("error", .string(error))) }
+        members += [("actively-synced", .bool(activelySynced)), ("copy-mode", .string(copyMode.rawValue)),
+                    ("dirty-bytes", .int(Int64(dirtyBytes)))]
+        return .object(members)
+    }
+
+    public var jsonText: String { jsonValue.compactText }
+}
+
+extension JobInfo {
+    public var jsonValue: JSONValue {
+        var members: [(String, JSONValue)] = [
+            ("id", .string(id)), ("type", .string(type)), ("status", .string(status.rawValue)),
+            ("current-progress", .int(Int64(currentProgress))), ("total-progress", .int(Int64(totalProgress))),
+        ]
+        if let error { members.append(("error", .string(error))) }
+        return .object(members)
     }
 }
 
@@ -93,74 +114,35 @@ public struct JobEvent: Sendable, Equatable {
         }
     }
 
-    /// The event's `data` member, in QEMU's member names.
-    public var data: [String: JSONValue] {
+    /// The event's `data` member, with QEMU's member names.
+    public var data: JSONValue {
+        func progress(_ device: String, _ len: UInt64, _ offset: UInt64, _ speed: UInt64) -> [(String, JSONValue)] {
+            [("type", "mirror"), ("device", .string(device)), ("len", .int(Int64(len))),
+             ("offset", .int(Int64(offset))), ("speed", .int(Int64(speed)))]
+        }
         switch kind {
         case let .statusChange(id, status):
-            return ["id": .string(id), "status": .string(status.rawValue)]
+            return .object([("id", .string(id)), ("status", .string(status.rawValue))])
         case let .ready(device, len, offset, speed):
-            return ["type": "mirror", "device": .string(device), "len": .int(len), "offset": .int(offset), "speed": .int(speed)]
+            return .object(progress(device, len, offset, speed))
         case let .completed(device, len, offset, speed, error):
-            var data: [String: JSONValue] = ["type": "mirror", "device": .string(device), "len": .int(len),
-                                             "offset": .int(offset), "speed": .int(speed)]
-            if let error { data["error"] = .string(error) }
-            return data
+            return .object(progress(device, len, offset, speed) + (error.map { [("error", .string($0))] } ?? []))
         case let .cancelled(device, len, offset, speed):
-            return ["type": "mirror", "device": .string(device), "len": .int(len), "offset": .int(offset), "speed": .int(speed)]
+            return .object(progress(device, len, offset, speed))
         case let .error(device, operation, action):
-            return ["device": .string(device), "operation": .string(operation), "action": .string(action.rawValue)]
+            return .object([("device", .string(device)), ("operation", .string(operation)), ("action", .string(action.rawValue))])
         case let .pending(id):
-            return ["type": "mirror", "id": .string(id)]
+            return .object([("type", "mirror"), ("id", .string(id))])
         }
+    }
+
+    /// The whole QMP event object.
+    public var jsonValue: JSONValue {
+        .object([("event", .string(name)), ("data", data),
+                 ("timestamp", .object([("seconds", .int(Int64(seconds))), ("microseconds", .int(Int64(microseconds)))]))])
     }
 
     /// One compact JSON line.
-    public var jsonLine: String {
-        let object: JSONValue = .object([
-            "event": .string(name),
-            "data": .object(data),
-            "timestamp": .object(["seconds": .int(UInt64(max(seconds, 0))), "microseconds": .int(UInt64(max(microseconds, 0)))]),
-        ])
-        return object.compactText
-    }
+    public var jsonLine: String { jsonValue.compactText }
 }
 
-/// A minimal JSON value for event payloads whose member order is fixed by hand.
-public indirect enum JSONValue: Sendable, Equatable, ExpressibleByStringLiteral {
-    case string(String)
-    case int(UInt64)
-    case object([String: JSONValue])
-
-    public init(stringLiteral value: String) { self = .string(value) }
-
-    public var compactText: String {
-        switch self {
-        case .int(let n): return String(n)
-        case .string(let s): return JSONValue.quote(s)
-        case .object(let members):
-            // "event" first, then "data", then "timestamp", then the rest sorted: stable output.
-            let order = ["event", "data", "timestamp"]
-            let keys = members.keys.sorted { a, b in
-                let ia = order.firstIndex(of: a) ?? order.count, ib = order.firstIndex(of: b) ?? order.count
-                return ia != ib ? ia < ib : a < b
-            }
-            return "{" + keys.map { JSONValue.quote($0) + ": " + members[$0]!.compactText }.joined(separator: ", ") + "}"
-        }
-    }
-
-    static func quote(_ s: String) -> String {
-        var out = "\""
-        for scalar in s.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where scalar.value < 0x20: out += String(format: "\\u%04x", scalar.value)
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
-    }
-}

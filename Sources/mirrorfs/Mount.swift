@@ -18,6 +18,7 @@ extension Mirrorfs {
 
         @Argument(help: "The raw image to serve.") var source: String
         @Argument(help: "An empty directory to mount on.") var mountpoint: String
+        @OptionGroup var job: JobOptions
         @Flag(help: "Serve the image read-only.") var readOnly = false
         @Flag(help: "Let other users reach the mount (their access still follows the image's mode).")
         var allowOther = false
@@ -28,6 +29,16 @@ extension Mirrorfs {
 
         func run() throws {
             let image = try ImageSource.validate(path: source, readOnly: readOnly)
+            if job.target == nil && job.hasJobSettings {
+                throw CLIError("job options need --target")
+            }
+            if job.target != nil && readOnly {
+                throw CLIError("--read-only cannot be mirrored: a mirror needs a writable source")
+            }
+            let mirrorTarget = try job.target.map { try TargetImage.validate(path: $0, source: image) }
+            let mirrorOptions = try mirrorTarget.map {
+                try job.mirrorOptions(defaultJobID: image.name, targetIsZero: !$0.exists)
+            }
             let mountDirectory = try MountpointCheck.validate(path: mountpoint)
             if daemonize {
                 try Daemon.spawnAndWait(arguments: CommandLine.arguments, mountpoint: mountDirectory, logFile: logFile)
@@ -35,14 +46,15 @@ extension Mirrorfs {
             }
             let ready = readyFD.map(ReadyPipe.init(fd:))
             do {
-                try serve(image: image, mountpoint: mountDirectory, ready: ready)
+                try serve(image: image, mountpoint: mountDirectory, mirror: mirrorTarget.map { ($0, mirrorOptions!) }, ready: ready)
             } catch {
                 ready?.report(failure: "\(error)")
                 throw error
             }
         }
 
-        private func serve(image: ImageSource, mountpoint: String, ready: ReadyPipe?) throws {
+        private func serve(image: ImageSource, mountpoint: String, mirror: (TargetImage, MirrorOptions)?,
+                           ready: ReadyPipe?) throws {
             let pool = AlignedBufferPool(bufferSize: FUSEFileSystem.maxWrite)
             let device: FileBlockDevice
             do {
@@ -51,6 +63,15 @@ extension Mirrorfs {
                 throw CLIError("cannot open source '\(image.path)': \(error)")
             }
             let filter = MirrorFilter(source: device, readOnly: readOnly)
+            filter.addEventListener { Log.info("event \($0.jsonLine)") }
+            if let (target, options) = mirror {
+                let targetDevice = try target.open(size: device.size, pool: pool)
+                do {
+                    try filter.startMirror(to: targetDevice, options: options)
+                } catch {
+                    throw CLIError(error.description)
+                }
+            }
             let fileSystem = FUSEFileSystem(
                 filter: filter, imageName: image.name, uid: image.uid, gid: image.gid,
                 permissions: image.permissions, readBuffers: pool,
@@ -74,6 +95,9 @@ extension Mirrorfs {
 struct ImageSource {
     let path: String
     let name: String
+    let size: UInt64
+    let device: dev_t
+    let inode: ino_t
     let uid: uid_t
     let gid: gid_t
     let permissions: mode_t
@@ -97,7 +121,52 @@ struct ImageSource {
         close(fd)
         let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
         return ImageSource(path: absolute, name: URL(fileURLWithPath: path).lastPathComponent,
-                           uid: st.st_uid, gid: st.st_gid, permissions: st.st_mode & 0o777)
+                           size: UInt64(st.st_size), device: st.st_dev, inode: st.st_ino, uid: st.st_uid, gid: st.st_gid, permissions: st.st_mode & 0o777)
+    }
+}
+
+/// The mirror target of `mount --target`, checked before anything is mounted or created.
+struct TargetImage {
+    let path: String
+    let exists: Bool
+
+    static func validate(path: String, source: ImageSource) throws -> TargetImage {
+        var st = stat()
+        if stat(path, &st) == 0 {
+            guard (st.st_mode & S_IFMT) == S_IFREG else { throw CLIError("target '\(path)' is not a regular file") }
+            if st.st_dev == source.device && st.st_ino == source.inode {
+                throw CLIError("target '\(path)' is the source image itself")
+            }
+            guard UInt64(st.st_size) == source.size else {
+                throw CLIError("target '\(path)' has \(st.st_size) bytes but the source has \(source.size)")
+            }
+            let fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
+            guard fd >= 0 else { throw CLIError("target '\(path)' is not writable: \(String(cString: strerror(errno)))") }
+            close(fd)
+            return TargetImage(path: path, exists: true)
+        }
+        guard errno == ENOENT else { throw CLIError("target '\(path)': \(String(cString: strerror(errno)))") }
+        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        guard access(directory, W_OK) == 0 else {
+            throw CLIError("target '\(path)' cannot be created in '\(directory)': \(String(cString: strerror(errno)))")
+        }
+        return TargetImage(path: path, exists: false)
+    }
+
+    /// Opens the target, creating it sparse with the source's size if it was missing.
+    func open(size: UInt64, pool: AlignedBufferPool) throws -> FileBlockDevice {
+        if !exists {
+            let fd = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+            guard fd >= 0, ftruncate(fd, off_t(size)) == 0 else {
+                throw CLIError("cannot create target '\(path)': \(String(cString: strerror(errno)))")
+            }
+            close(fd)
+        }
+        do {
+            return try FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
+        } catch {
+            throw CLIError("cannot open target '\(path)': \(error)")
+        }
     }
 }
 
