@@ -31,13 +31,22 @@ let package = Package(
             name: "MirrorFUSE",
             dependencies: ["CFuse", "CLinux", "MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
         ),
+        // QEMU's Machine Protocol on a unix socket: framing, command table → job verbs.
+        .target(
+            name: "MirrorQMP",
+            dependencies: ["MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         .executableTarget(
             name: "mirrorfs",
             dependencies: [
-                "CLinux", "MirrorCore", "MirrorFUSE",
+                "CLinux", "MirrorCore", "MirrorFUSE", "MirrorQMP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
+        ),
+        .testTarget(
+            name: "MirrorQMPTests",
+            dependencies: ["MirrorQMP", "MirrorCore"]
         ),
         .testTarget(
             name: "MirrorCoreTests",

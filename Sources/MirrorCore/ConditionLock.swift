@@ -3,12 +3,12 @@ import Glibc
 /// A mutex with one condition variable: the job's state lock. Waiters re-check their
 /// predicate after every broadcast, so a waiter never holds a claim while it waits and
 /// no chain of waiters can deadlock (the failure QEMU fixed twice in 2021).
-final class ConditionLock: @unchecked Sendable {
+public final class ConditionLock: @unchecked Sendable {
     // Heap-allocated: pthread objects must not move.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
 
-    init() {
+    public init() {
         mutex = .allocate(capacity: 1)
         condition = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
@@ -26,17 +26,17 @@ final class ConditionLock: @unchecked Sendable {
         condition.deallocate()
     }
 
-    func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+    public func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
 
-    func lock() { pthread_mutex_lock(mutex) }
-    func unlock() { pthread_mutex_unlock(mutex) }
+    public func lock() { pthread_mutex_lock(mutex) }
+    public func unlock() { pthread_mutex_unlock(mutex) }
 
     /// Waits for a broadcast; the lock must be held. Returns after `timeout` seconds at most.
-    func wait(timeout: Double? = nil) {
+    public func wait(timeout: Double? = nil) {
         guard let timeout else {
             pthread_cond_wait(condition, mutex)
             return
@@ -50,7 +50,7 @@ final class ConditionLock: @unchecked Sendable {
     }
 
     /// Wakes every waiter; call with the lock held or just after releasing it.
-    func broadcast() {
+    public func broadcast() {
         pthread_cond_broadcast(condition)
     }
 }

@@ -27,6 +27,10 @@ public final class FUSEFileSystem: Sendable {
     let owner: (uid: uid_t, gid: gid_t)
     let imagePermissions: mode_t
     let mountTime: timespec
+    /// The QMP socket's path, published as the root's `user.mirrorfs.qmp` attribute so that
+    /// `mirrorfs job|status MOUNTPOINT` find it from the mount alone.
+    let controlSocket: String?
+    public static let controlSocketAttribute = "user.mirrorfs.qmp"
     /// Called once the kernel's INIT has been answered for: the mount is usable.
     let onReady: @Sendable () -> Void
 
@@ -39,7 +43,8 @@ public final class FUSEFileSystem: Sendable {
     public static let maxWrite = 1 << 20
 
     public init(filter: MirrorFilter, imageName: String, uid: uid_t, gid: gid_t, permissions: mode_t,
-                readBuffers: AlignedBufferPool, onReady: @escaping @Sendable () -> Void) {
+                readBuffers: AlignedBufferPool, controlSocket: String?, onReady: @escaping @Sendable () -> Void) {
+        self.controlSocket = controlSocket
         self.filter = filter
         self.imageName = imageName
         self.owner = (uid, gid)

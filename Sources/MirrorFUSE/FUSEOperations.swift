@@ -42,6 +42,17 @@ private func replyAttributes(_ req: fuse_req_t?, _ fs: FUSEFileSystem, _ node: N
 
 private func node(_ ino: fuse_ino_t) -> Node? { Node(rawValue: ino) }
 
+/// getxattr/listxattr protocol: size 0 asks for the length; too small a buffer is ERANGE.
+private func replyAttributeValue(_ req: fuse_req_t?, _ value: [UInt8], size: Int) {
+    if size == 0 {
+        fuse_reply_xattr(req, value.count)
+    } else if size < value.count {
+        replyError(req, Errno(rawValue: ERANGE))
+    } else {
+        _ = value.withUnsafeBytes { fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), value.count) }
+    }
+}
+
 /// Names the file system refuses to create, remove or rename: the tree is fixed.
 private let refuseChange: Int32 = EPERM
 
@@ -252,6 +263,19 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
     }
 
     ops.releasedir = { req, _, _ in _ = fuse_reply_err(req, 0) }
+
+    ops.getxattr = { req, ino, name, size in
+        let fs = fileSystem(req)
+        guard ino == Node.root.rawValue, let name, String(cString: name) == FUSEFileSystem.controlSocketAttribute,
+              let socket = fs.controlSocket else { return replyError(req, .noData) }
+        replyAttributeValue(req, Array(socket.utf8), size: size)
+    }
+
+    ops.listxattr = { req, ino, size in
+        let fs = fileSystem(req)
+        let names = ino == Node.root.rawValue && fs.controlSocket != nil ? Array(FUSEFileSystem.controlSocketAttribute.utf8) + [0] : []
+        replyAttributeValue(req, names, size: size)
+    }
 
     // The tree is fixed: nothing is created, removed or renamed.
     ops.mknod = { req, _, _, _, _ in _ = fuse_reply_err(req, refuseChange) }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import MirrorCore
 import MirrorFUSE
+import MirrorQMP
 import SystemPackage
 
 extension Mirrorfs {
@@ -19,6 +20,8 @@ extension Mirrorfs {
         @Argument(help: "The raw image to serve.") var source: String
         @Argument(help: "An empty directory to mount on.") var mountpoint: String
         @OptionGroup var job: JobOptions
+        @Option(help: "The QMP control socket (default: next to the log, named after the mountpoint).")
+        var qmp: String?
         @Flag(help: "Serve the image read-only.") var readOnly = false
         @Flag(help: "Let other users reach the mount (their access still follows the image's mode).")
         var allowOther = false
@@ -40,13 +43,16 @@ extension Mirrorfs {
                 try job.mirrorOptions(defaultJobID: image.name, targetIsZero: !$0.exists)
             }
             let mountDirectory = try MountpointCheck.validate(path: mountpoint)
+            let socketPath = try qmp ?? ControlSocket.defaultPath(for: mountDirectory)
+            try ControlSocket.validate(path: socketPath)
             if daemonize {
                 try Daemon.spawnAndWait(arguments: CommandLine.arguments, mountpoint: mountDirectory, logFile: logFile)
                 return
             }
             let ready = readyFD.map(ReadyPipe.init(fd:))
             do {
-                try serve(image: image, mountpoint: mountDirectory, mirror: mirrorTarget.map { ($0, mirrorOptions!) }, ready: ready)
+                try serve(image: image, mountpoint: mountDirectory, mirror: mirrorTarget.map { ($0, mirrorOptions!) },
+                          socketPath: socketPath, ready: ready)
             } catch {
                 ready?.report(failure: "\(error)")
                 throw error
@@ -54,7 +60,7 @@ extension Mirrorfs {
         }
 
         private func serve(image: ImageSource, mountpoint: String, mirror: (TargetImage, MirrorOptions)?,
-                           ready: ReadyPipe?) throws {
+                           socketPath: String, ready: ReadyPipe?) throws {
             let pool = AlignedBufferPool(bufferSize: FUSEFileSystem.maxWrite)
             let device: FileBlockDevice
             do {
@@ -72,9 +78,20 @@ extension Mirrorfs {
                     throw CLIError(error.description)
                 }
             }
+            let commands = QMPCommands(filter: filter, imageName: image.name,
+                                       package: "mirrorfs \(Mirrorfs.configuration.version)",
+                                       onQuit: { kill(getpid(), SIGTERM) })
+            let server: QMPServer
+            do {
+                server = try QMPServer(path: socketPath, commands: commands)
+            } catch {
+                throw CLIError("\(error)")
+            }
+            defer { server.removeSocketFile() }
+            filter.addEventListener { server.broadcast($0) }
             let fileSystem = FUSEFileSystem(
                 filter: filter, imageName: image.name, uid: image.uid, gid: image.gid,
-                permissions: image.permissions, readBuffers: pool,
+                permissions: image.permissions, readBuffers: pool, controlSocket: socketPath,
                 onReady: {
                     Log.info("serving \(image.path) as \(mountpoint)/\(image.name)")
                     ready?.report(success: ())
@@ -166,6 +183,32 @@ struct TargetImage {
             return try FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
         } catch {
             throw CLIError("cannot open target '\(path)': \(error)")
+        }
+    }
+}
+
+/// Where the QMP socket goes, checked before mounting.
+enum ControlSocket {
+    /// `<runtime dir>/<mountpoint as a name>.qmp`, or a hashed name when that would not
+    /// fit in a unix socket address.
+    static func defaultPath(for mountpoint: String) throws -> String {
+        let directory = try RuntimeDirectory.path()
+        let path = directory + "/" + RuntimeDirectory.name(for: mountpoint, suffix: ".qmp")
+        if path.utf8.count < 100 { return path }
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in mountpoint.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        return directory + "/" + String(hash, radix: 16) + ".qmp"
+    }
+
+    static func validate(path: String) throws {
+        guard path.utf8.count < 108 else { throw CLIError("QMP socket path '\(path)' is too long for a unix socket") }
+        var st = stat()
+        if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) != S_IFSOCK {
+            throw CLIError("QMP socket path '\(path)' exists and is not a socket")
+        }
+        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        guard access(directory, W_OK) == 0 else {
+            throw CLIError("QMP socket directory '\(directory)': \(String(cString: strerror(errno)))")
         }
     }
 }

@@ -1,0 +1,367 @@
+import Foundation
+import Glibc
+import MirrorCore
+import SystemPackage
+
+/// A QMP error: QEMU's class and text.
+public struct QMPError: Error, Equatable {
+    public let errorClass: String
+    public let desc: String
+
+    static func generic(_ desc: String) -> QMPError { QMPError(errorClass: "GenericError", desc: desc) }
+    static func commandNotFound(_ desc: String) -> QMPError { QMPError(errorClass: "CommandNotFound", desc: desc) }
+    static func deviceNotActive(_ id: String) -> QMPError {
+        QMPError(errorClass: "DeviceNotActive", desc: "Block job '\(id)' not found")
+    }
+
+    func reply(id: JSONValue?) -> JSONValue {
+        var members: [(String, JSONValue)] = [("error", .object([("class", .string(errorClass)), ("desc", .string(desc))]))]
+        if let id { members.append(("id", id)) }
+        return .object(members)
+    }
+}
+
+/// Per-connection protocol state.
+struct QMPSession {
+    var negotiated = false
+    var quitRequested = false
+}
+
+/// One argument of a command's schema.
+struct Parameter {
+    enum Kind {
+        case string, int, bool, stringList
+        case enumeration([String])
+    }
+    let name: String
+    let kind: Kind
+    let required: Bool
+
+    static func req(_ name: String, _ kind: Kind) -> Parameter { Parameter(name: name, kind: kind, required: true) }
+    static func opt(_ name: String, _ kind: Kind) -> Parameter { Parameter(name: name, kind: kind, required: false) }
+}
+
+/// Arguments checked against a command's schema.
+struct Arguments {
+    let values: [String: JSONValue]
+    func string(_ key: String) -> String? { if case .string(let s)? = values[key] { return s }; return nil }
+    func int(_ key: String) -> Int64? { if case .int(let n)? = values[key] { return n }; return nil }
+    func bool(_ key: String) -> Bool? { if case .bool(let b)? = values[key] { return b }; return nil }
+}
+
+/// The command table: name → schema and handler, run against the mount's filter.
+public final class QMPCommands: Sendable {
+    public static let qemuVersion = (major: 8, minor: 2, micro: 0)
+    public let package: String
+    private let filter: MirrorFilter
+    private let imageName: String
+    private let onQuit: @Sendable () -> Void
+
+    private struct Command {
+        let parameters: [Parameter]
+        let handler: @Sendable (QMPCommands, Arguments) throws(QMPError) -> JSONValue
+    }
+    private let table: [String: Command]
+
+    public init(filter: MirrorFilter, imageName: String, package: String, onQuit: @escaping @Sendable () -> Void) {
+        self.filter = filter
+        self.imageName = imageName
+        self.package = package
+        self.onQuit = onQuit
+        let device = Parameter.req("device", .string)
+        let id = Parameter.req("id", .string)
+        let errorPolicy = Parameter.Kind.enumeration(["report", "ignore", "enospc", "stop", "auto"])
+        table = [
+            "qmp_capabilities": Command(parameters: [.opt("enable", .stringList)]) { _, _ in .object([]) },
+            "query-version": Command(parameters: []) { c, _ in c.versionValue() },
+            "query-commands": Command(parameters: []) { c, _ in
+                .array(c.table.keys.sorted().map { .object([("name", .string($0))]) })
+            },
+            "query-block-jobs": Command(parameters: []) { c, _ in
+                .array(c.filter.job.map { [$0.info().jsonValue] } ?? [])
+            },
+            "query-jobs": Command(parameters: []) { c, _ in
+                .array(c.filter.job.map { [$0.jobInfo().jsonValue] } ?? [])
+            },
+            "drive-mirror": Command(parameters: [
+                .opt("job-id", .string), device, .req("target", .string), .opt("format", .string),
+                .opt("node-name", .string), .opt("replaces", .string),
+                .req("sync", .enumeration(["top", "full", "none", "incremental", "bitmap"])),
+                .opt("mode", .enumeration(["existing", "absolute-paths"])), .opt("speed", .int),
+                .opt("granularity", .int), .opt("buf-size", .int), .opt("on-source-error", errorPolicy),
+                .opt("on-target-error", errorPolicy), .opt("unmap", .bool),
+                .opt("copy-mode", .enumeration(["background", "write-blocking"])),
+                .opt("auto-finalize", .bool), .opt("auto-dismiss", .bool),
+            ]) { c, a throws(QMPError) in try c.driveMirror(a) },
+            "block-job-change": Command(parameters: [id, .req("type", .enumeration(["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load", "snapshot-save", "snapshot-delete"])),
+                                                     .req("copy-mode", .enumeration(["background", "write-blocking"]))]) { c, a throws(QMPError) in
+                let job = try c.blockJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.change(copyMode: CopyMode(rawValue: a.string("copy-mode")!)!) }
+            },
+            "block-job-complete": Command(parameters: [device]) { c, a throws(QMPError) in
+                let job = try c.blockJob(a.string("device")!)
+                return try c.run { () throws(JobError) in try job.complete() }
+            },
+            "block-job-cancel": Command(parameters: [device, .opt("force", .bool)]) { c, a throws(QMPError) in
+                let job = try c.blockJob(a.string("device")!)
+                return try c.run { () throws(JobError) in try job.cancel(force: a.bool("force") ?? false) }
+            },
+            "block-job-pause": Command(parameters: [device]) { c, a throws(QMPError) in
+                let job = try c.blockJob(a.string("device")!)
+                return try c.run { () throws(JobError) in try job.pause() }
+            },
+            "block-job-resume": Command(parameters: [device]) { c, a throws(QMPError) in
+                let job = try c.blockJob(a.string("device")!)
+                return try c.run { () throws(JobError) in try job.resume() }
+            },
+            "block-job-set-speed": Command(parameters: [device, .req("speed", .int)]) { c, a throws(QMPError) in
+                let job = try c.blockJob(a.string("device")!)
+                return try c.run { () throws(JobError) in try job.setSpeed(a.int("speed")!) }
+            },
+            "block-job-dismiss": Command(parameters: [id]) { c, a throws(QMPError) in
+                let job = try c.blockJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.dismiss() }
+            },
+            "block-job-finalize": Command(parameters: [id]) { c, a throws(QMPError) in
+                let job = try c.blockJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.finalize() }
+            },
+            "job-pause": Command(parameters: [id]) { c, a throws(QMPError) in
+                let job = try c.anyJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.pause() }
+            },
+            "job-resume": Command(parameters: [id]) { c, a throws(QMPError) in
+                let job = try c.anyJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.resume() }
+            },
+            // job-cancel always force-cancels (QEMU).
+            "job-cancel": Command(parameters: [id]) { c, a throws(QMPError) in
+                let job = try c.anyJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.cancel(force: true) }
+            },
+            "job-complete": Command(parameters: [id]) { c, a throws(QMPError) in
+                let job = try c.anyJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.complete() }
+            },
+            "job-dismiss": Command(parameters: [id]) { c, a throws(QMPError) in
+                let job = try c.anyJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.dismiss() }
+            },
+            "job-finalize": Command(parameters: [id]) { c, a throws(QMPError) in
+                let job = try c.anyJob(a.string("id")!)
+                return try c.run { () throws(JobError) in try job.finalize() }
+            },
+            "quit": Command(parameters: []) { _, _ in .object([]) },
+        ]
+    }
+
+    func greeting() -> JSONValue {
+        .object([("QMP", .object([("version", versionValue()), ("capabilities", .array([]))]))])
+    }
+
+    private func versionValue() -> JSONValue {
+        .object([("qemu", .object([("micro", .int(Int64(Self.qemuVersion.micro))), ("minor", .int(Int64(Self.qemuVersion.minor))),
+                                   ("major", .int(Int64(Self.qemuVersion.major)))])),
+                 ("package", .string(package))])
+    }
+
+    func quit() { onQuit() }
+
+    // MARK: - Dispatch
+
+    /// Handles one framed input value; returns the reply (nil: none).
+    func handle(_ frame: [UInt8], session: inout QMPSession) -> JSONValue? {
+        let message: JSONValue
+        do {
+            message = try QMPJSONParser.parse(frame)
+        } catch {
+            return QMPError.generic("JSON parse error, expecting value").reply(id: nil)
+        }
+        guard case .object(let members) = message else {
+            return QMPError.generic("QMP input must be a JSON object").reply(id: nil)
+        }
+        let id = message["id"]
+        for (key, _) in members where !["execute", "exec-oob", "arguments", "id"].contains(key) {
+            return QMPError.generic("QMP input member '\(key)' is unexpected").reply(id: id)
+        }
+        if message["exec-oob"] != nil {
+            return QMPError.generic("Out-of-band execution is not enabled for this connection").reply(id: id)
+        }
+        guard let execute = message["execute"] else {
+            return QMPError.generic("QMP input lacks member 'execute'").reply(id: id)
+        }
+        guard case .string(let name) = execute else {
+            return QMPError.generic("QMP input member 'execute' must be a string").reply(id: id)
+        }
+        var arguments: [(String, JSONValue)] = []
+        if let given = message["arguments"] {
+            guard case .object(let a) = given else {
+                return QMPError.generic("QMP input member 'arguments' must be an object").reply(id: id)
+            }
+            arguments = a
+        }
+        if !session.negotiated && name != "qmp_capabilities" {
+            return QMPError.commandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'").reply(id: id)
+        }
+        if session.negotiated && name == "qmp_capabilities" {
+            return QMPError.commandNotFound("Capabilities negotiation is already complete, command ignored").reply(id: id)
+        }
+        guard let command = table[name] else {
+            return QMPError.commandNotFound("The command \(name) has not been found").reply(id: id)
+        }
+        do throws(QMPError) {
+            let checked = try Self.check(arguments, against: command.parameters)
+            if name == "qmp_capabilities", case .array(let wanted)? = checked.values["enable"], let first = wanted.first,
+               case .string(let capability) = first {
+                throw QMPError.generic("Capability \(capability) not available")
+            }
+            let value = try command.handler(self, checked)
+            if name == "qmp_capabilities" { session.negotiated = true }
+            if name == "quit" { session.quitRequested = true }
+            var reply: [(String, JSONValue)] = [("return", value)]
+            if let id { reply.append(("id", id)) }
+            return .object(reply)
+        } catch {
+            return error.reply(id: id)
+        }
+    }
+
+    /// QEMU's input-visitor checks, before the command has any effect.
+    static func check(_ given: [(String, JSONValue)], against schema: [Parameter]) throws(QMPError) -> Arguments {
+        var values: [String: JSONValue] = [:]
+        for (key, value) in given {
+            guard let parameter = schema.first(where: { $0.name == key }) else {
+                throw .generic("Parameter '\(key)' is unexpected")
+            }
+            switch (parameter.kind, value) {
+            case (.string, .string), (.int, .int), (.bool, .bool): break
+            case (.stringList, .array(let items)) where items.allSatisfy({ if case .string = $0 { true } else { false } }): break
+            case (.enumeration(let allowed), .string(let s)):
+                guard allowed.contains(s) else { throw .generic("Parameter '\(key)' does not accept value '\(s)'") }
+            default:
+                let expected = switch parameter.kind {
+                case .string, .enumeration: "string"
+                case .int: "integer"
+                case .bool: "boolean"
+                case .stringList: "array"
+                }
+                throw .generic("Invalid parameter type for '\(key)', expected: \(expected)")
+            }
+            values[key] = value
+        }
+        for parameter in schema where parameter.required && values[parameter.name] == nil {
+            throw .generic("Parameter '\(parameter.name)' is missing")
+        }
+        return Arguments(values: values)
+    }
+
+    // MARK: - Jobs
+
+    private func blockJob(_ id: String) throws(QMPError) -> MirrorJob {
+        guard let job = filter.job, job.id == id else { throw .deviceNotActive(id) }
+        return job
+    }
+
+    private func anyJob(_ id: String) throws(QMPError) -> MirrorJob {
+        guard let job = filter.job, job.id == id else { throw .generic("Job not found") }
+        return job
+    }
+
+    private func run(_ verb: () throws(JobError) -> Void) throws(QMPError) -> JSONValue {
+        do { try verb() } catch { throw .generic(error.description) }
+        return .object([])
+    }
+
+    private func driveMirror(_ a: Arguments) throws(QMPError) -> JSONValue {
+        let device = a.string("device")!
+        guard device == imageName else {
+            throw .generic("Cannot find device='\(device)' nor node-name='\(device)'")
+        }
+        if let format = a.string("format"), format != "raw" {
+            throw .generic("Unknown target format '\(format)': only 'raw' is supported")
+        }
+        if a.string("replaces") != nil || a.string("node-name") != nil {
+            throw .generic("Parameters 'replaces' and 'node-name' are not supported")
+        }
+        let sync: SyncMode
+        switch a.string("sync")! {
+        case "full", "top": sync = .full  // a raw image has no backing file: top is full
+        case "none": sync = .none
+        case let other: throw .generic("Sync mode '\(other)' not supported")
+        }
+        var options = MirrorOptions(jobID: a.string("job-id") ?? imageName)
+        if let jobID = a.string("job-id") {
+            do { try MirrorOptions.validate(jobID: jobID) } catch { throw .generic(error.description) }
+        }
+        options.sync = sync
+        if let speed = a.int("speed") {
+            guard speed >= 0 else { throw .generic("Parameter 'speed' expects a non-negative value") }
+            options.speed = UInt64(speed)
+        }
+        if let granularity = a.int("granularity"), granularity != 0 {
+            guard granularity > 0 else { throw .generic("Parameter 'granularity' expects a value in range [512B, 64MB]") }
+            options.granularity = UInt64(granularity)
+        }
+        if let bufSize = a.int("buf-size") {
+            guard bufSize >= 0 else { throw .generic("Invalid parameter 'buf-size'") }
+            if bufSize > 0 { options.bufSize = UInt64(bufSize) }
+        }
+        options.onSourceError = try Self.policy(a.string("on-source-error"))
+        options.onTargetError = try Self.policy(a.string("on-target-error"))
+        options.copyMode = a.string("copy-mode") == "write-blocking" ? .writeBlocking : .background
+        options.autoFinalize = a.bool("auto-finalize") ?? true
+        options.autoDismiss = a.bool("auto-dismiss") ?? true
+        do { try options.validate() } catch { throw .generic(error.description) }
+        if let current = filter.job {
+            throw .generic("Node '\(imageName)' is busy: block device is in use by block job: \(current.id.isEmpty ? "mirror" : "mirror")")
+        }
+        let target = try openTarget(path: a.string("target")!, existing: a.string("mode") == "existing")
+        options.targetIsZero = a.string("mode") != "existing"
+        do {
+            try filter.startMirror(to: target, options: options)
+        } catch {
+            throw .generic(error.description)
+        }
+        return .object([])
+    }
+
+    private static func policy(_ name: String?) throws(QMPError) -> ErrorPolicy {
+        switch name {
+        case nil, "report": return .report
+        case "ignore": return .ignore
+        case "stop": return .stop
+        case let other?: throw .generic("Parameter 'on-error' does not accept value '\(other)' for a mirror job")
+        }
+    }
+
+    /// `mode` absolute-paths (default) creates the target sparse with the source's size and
+    /// refuses an existing path; `existing` opens what is there.
+    private func openTarget(path: String, existing: Bool) throws(QMPError) -> FileBlockDevice {
+        let pool = AlignedBufferPool(bufferSize: 1 << 20, retained: 4)
+        var st = stat()
+        if stat(path, &st) == 0, let source = filter.device as? FileBlockDevice,
+           UInt64(st.st_dev) == source.device && UInt64(st.st_ino) == source.inode {
+            throw .generic("Can't mirror node into itself")
+        }
+        if existing {
+            do {
+                return try FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
+            } catch {
+                throw .generic("Could not open '\(path)': \(String(cString: strerror(error.rawValue)))")
+            }
+        }
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw .generic("Could not create '\(path)': \(String(cString: strerror(errno)))") }
+        let sized = ftruncate(fd, off_t(filter.size)) == 0
+        close(fd)
+        guard sized else {
+            unlink(path)
+            throw .generic("Could not resize '\(path)': \(String(cString: strerror(errno)))")
+        }
+        do {
+            return try FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
+        } catch {
+            throw .generic("Could not open '\(path)': \(String(cString: strerror(error.rawValue)))")
+        }
+    }
+}
