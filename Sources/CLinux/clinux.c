@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <spawn.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 #include "clinux.h"
 
@@ -18,6 +19,9 @@ int clinux_pipe2_cloexec(int fds[2]) {
 }
 int clinux_spawn_addclosefrom(void *actions, int from) {
     return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, from);
+}
+long clinux_getxattr(const char *path, const char *name, void *value, unsigned long size) {
+    return getxattr(path, name, value, size);
 }
 
 int clinux_fallocate(int fd, int mode, off_t offset, off_t length) {

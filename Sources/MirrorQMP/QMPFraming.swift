@@ -97,14 +97,14 @@ struct QMPFramer {
 }
 
 /// A JSON parser for QMP input: QEMU also accepts single-quoted strings; nesting is bounded.
-struct QMPJSONParser {
-    struct ParseError: Error {}
+public struct QMPJSONParser {
+    public struct ParseError: Error {}
     static let maximumDepth = 64
 
     private let bytes: [UInt8]
     private var index = 0
 
-    static func parse(_ bytes: [UInt8]) throws(ParseError) -> JSONValue {
+    public static func parse(_ bytes: [UInt8]) throws(ParseError) -> JSONValue {
         var parser = QMPJSONParser(bytes: bytes)
         let value = try parser.value(depth: 0)
         parser.skipSpace()

@@ -7,7 +7,7 @@ struct Mirrorfs: ParsableCommand {
         commandName: "mirrorfs",
         abstract: "Serve a raw disk image through FUSE and mirror it live to a target image.",
         version: "0.1.0",
-        subcommands: [Mount.self, Unmount.self]
+        subcommands: [Mount.self, Status.self, Job.self, Unmount.self]
     )
 }
 

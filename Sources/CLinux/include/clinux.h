@@ -17,6 +17,7 @@ extern const int CLINUX_POSIX_SPAWN_SETSID;
 int clinux_pipe2_cloexec(int fds[2]);
 /// posix_spawn_file_actions_addclosefrom_np: the child closes every descriptor from `from` up.
 int clinux_spawn_addclosefrom(void *actions, int from);
+long clinux_getxattr(const char *path, const char *name, void *value, unsigned long size);
 int clinux_fallocate(int fd, int mode, off_t offset, off_t length);
 
 #endif

@@ -1,0 +1,97 @@
+import CLinux
+import Foundation
+import MirrorCore
+import MirrorQMP
+
+/// A blocking QMP client for the CLI: finds the daemon's socket from MOUNTPOINT (the
+/// root's `user.mirrorfs.qmp` attribute), negotiates, runs commands, and collects events.
+final class ControlClient {
+    private let fd: Int32
+    private var pending: [UInt8] = []
+    /// Events received while waiting for replies, oldest first.
+    private(set) var events: [JSONValue] = []
+
+    init(mountpoint: String) throws {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let length = clinux_getxattr(mountpoint, "user.mirrorfs.qmp", &buffer, UInt(buffer.count))
+        guard length > 0 else {
+            throw CLIError("'\(mountpoint)' is not a mirrorfs mount (\(String(cString: strerror(errno))))")
+        }
+        let path = String(decoding: buffer[0..<Int(length)], as: UTF8.self)
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8) + [0]) }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw CLIError("cannot reach the daemon of '\(mountpoint)' at \(path): \(reason)")
+        }
+        _ = try readMessage()  // greeting
+        _ = try execute("qmp_capabilities")
+    }
+
+    deinit { close(fd) }
+
+    /// Runs a command; a QMP error becomes the CLI's one-line error.
+    @discardableResult
+    func execute(_ command: String, _ arguments: [(String, JSONValue)] = []) throws -> JSONValue {
+        var message: [(String, JSONValue)] = [("execute", .string(command))]
+        if !arguments.isEmpty { message.append(("arguments", .object(arguments))) }
+        let bytes = Array((JSONValue.object(message).compactText + "\n").utf8)
+        guard bytes.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == bytes.count else {
+            throw CLIError("the daemon closed the control connection")
+        }
+        while true {
+            let reply = try readMessage()
+            if reply["event"] != nil { events.append(reply); continue }
+            if let value = reply["return"] { return value }
+            if case .string(let desc)? = reply["error"]?["desc"] { throw CLIError(desc) }
+            throw CLIError("unexpected reply from the daemon: \(reply.compactText)")
+        }
+    }
+
+    /// Waits for the next event (or `timeout` seconds); nil on timeout.
+    func nextEvent(timeout: Double) throws -> JSONValue? {
+        if !events.isEmpty { return events.removeFirst() }
+        var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        if pending.firstIndex(of: 0x0a) == nil {
+            guard poll(&poller, 1, Int32(timeout * 1000)) > 0 else { return nil }
+        }
+        let message = try readMessage()
+        return message["event"] != nil ? message : nil
+    }
+
+    private func readMessage() throws -> JSONValue {
+        while true {
+            if let newline = pending.firstIndex(of: 0x0a) {
+                let line = Array(pending[..<newline])
+                pending.removeFirst(newline + 1)
+                do {
+                    return try QMPJSONParser.parse(line)
+                } catch {
+                    throw CLIError("unreadable reply from the daemon")
+                }
+            }
+            var chunk = [UInt8](repeating: 0, count: 65536)
+            let n = recv(fd, &chunk, chunk.count, 0)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw CLIError("the daemon closed the control connection") }
+            pending += chunk[0..<n]
+        }
+    }
+
+    /// The job the mount runs, as query-block-jobs shows it; nil when there is none.
+    func currentJob() throws -> JSONValue? {
+        guard case .array(let jobs) = try execute("query-block-jobs") else { return nil }
+        return jobs.first
+    }
+
+    func requireJobID() throws -> String {
+        guard case .string(let id)? = try currentJob()?["device"] else { throw CLIError("no job runs on this mount") }
+        return id
+    }
+}

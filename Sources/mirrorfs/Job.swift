@@ -1,0 +1,128 @@
+import ArgumentParser
+import Foundation
+import MirrorCore
+
+extension Mirrorfs {
+    struct Job: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Control the mount's mirror job.",
+            subcommands: [Start.self, Change.self, Complete.self, Cancel.self, Pause.self, Resume.self, SetSpeed.self])
+    }
+}
+
+/// Waits for the job's end; throws if it failed. Returns the final event's name.
+private func waitForEnd(_ client: ControlClient) throws -> String {
+    var ending = ""
+    while true {
+        guard let event = try client.nextEvent(timeout: 1) else {
+            if try client.currentJob() == nil { return ending }
+            continue
+        }
+        guard case .string(let name)? = event["event"] else { continue }
+        if name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED" {
+            if case .string(let error)? = event["data"]?["error"] { throw CLIError("the job failed: \(error)") }
+            ending = name
+        }
+        if name == "JOB_STATUS_CHANGE", case .string("null")? = event["data"]?["status"] { return ending }
+    }
+}
+
+extension Mirrorfs.Job {
+    struct Start: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Start mirroring the mounted image to --target.")
+        @Argument(help: "The mountpoint.") var mountpoint: String
+        @OptionGroup var job: JobOptions
+
+        func run() throws {
+            guard let target = job.target else { throw CLIError("job start needs --target") }
+            let client = try ControlClient(mountpoint: mountpoint)
+            let entries = try FileManager.default.contentsOfDirectory(atPath: mountpoint).filter { $0 != ".status" }
+            guard let imageName = entries.first else { throw CLIError("'\(mountpoint)' shows no image") }
+            var st = stat()
+            let exists = stat(target, &st) == 0
+            if exists {
+                var image = stat()
+                stat(mountpoint + "/" + imageName, &image)
+                guard st.st_size == image.st_size else {
+                    throw CLIError("target '\(target)' has \(st.st_size) bytes but the image has \(image.st_size)")
+                }
+            }
+            let options = try job.mirrorOptions(defaultJobID: imageName, targetIsZero: !exists)
+            let absolute = URL(fileURLWithPath: target).standardizedFileURL.path
+            var arguments: [(String, JSONValue)] = [
+                ("device", .string(imageName)), ("target", .string(absolute)), ("format", "raw"),
+                ("sync", .string(options.sync.rawValue)), ("mode", exists ? "existing" : "absolute-paths"),
+                ("speed", .int(Int64(options.speed))), ("granularity", .int(Int64(options.granularity))),
+                ("buf-size", .int(Int64(options.bufSize))), ("on-source-error", .string(options.onSourceError.rawValue)),
+                ("on-target-error", .string(options.onTargetError.rawValue)), ("copy-mode", .string(options.copyMode.rawValue)),
+            ]
+            if let id = job.jobID { arguments.insert(("job-id", .string(id)), at: 0) }
+            try client.execute("drive-mirror", arguments)
+        }
+    }
+
+    struct Change: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Switch the running job to write-blocking.")
+        @Argument(help: "The mountpoint.") var mountpoint: String
+        @Option(help: "write-blocking (the only change a mirror job accepts).") var copyMode: CopyMode
+
+        func run() throws {
+            let client = try ControlClient(mountpoint: mountpoint)
+            let id = try client.requireJobID()
+            try client.execute("block-job-change", [("id", .string(id)), ("type", "mirror"), ("copy-mode", .string(copyMode.rawValue))])
+        }
+    }
+
+    struct Complete: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Pivot: once source and target are equal the mount serves the target. Waits until done.")
+        @Argument(help: "The mountpoint.") var mountpoint: String
+
+        func run() throws {
+            let client = try ControlClient(mountpoint: mountpoint)
+            try client.execute("block-job-complete", [("device", .string(try client.requireJobID()))])
+            _ = try waitForEnd(client)
+        }
+    }
+
+    struct Cancel: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Stop the job without pivot (after ready: the target is a consistent copy). Waits until done.")
+        @Argument(help: "The mountpoint.") var mountpoint: String
+        @Flag(help: "Stop at once, without making the target consistent.") var force = false
+
+        func run() throws {
+            let client = try ControlClient(mountpoint: mountpoint)
+            try client.execute("block-job-cancel", [("device", .string(try client.requireJobID())), ("force", .bool(force))])
+            _ = try waitForEnd(client)
+        }
+    }
+
+    struct Pause: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Pause the background copy.")
+        @Argument(help: "The mountpoint.") var mountpoint: String
+        func run() throws {
+            let client = try ControlClient(mountpoint: mountpoint)
+            try client.execute("block-job-pause", [("device", .string(try client.requireJobID()))])
+        }
+    }
+
+    struct Resume: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Resume a paused (or error-stopped) job.")
+        @Argument(help: "The mountpoint.") var mountpoint: String
+        func run() throws {
+            let client = try ControlClient(mountpoint: mountpoint)
+            try client.execute("block-job-resume", [("device", .string(try client.requireJobID()))])
+        }
+    }
+
+    struct SetSpeed: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "set-speed", abstract: "Limit the background copy (bytes/s, 0 = unlimited).")
+        @Argument(help: "The mountpoint.") var mountpoint: String
+        @Argument(help: "Bytes per second; K/M/G suffixes.") var speed: ByteCount
+        func run() throws {
+            let client = try ControlClient(mountpoint: mountpoint)
+            try client.execute("block-job-set-speed", [("device", .string(try client.requireJobID())), ("speed", .int(Int64(speed.bytes)))])
+        }
+    }
+}
