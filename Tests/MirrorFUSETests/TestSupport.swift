@@ -83,10 +83,12 @@ final class Scratch {
         let path = file(name)
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o644)
         guard fd >= 0, ftruncate(fd, off_t(size)) == 0 else { throw POSIXError(.EIO) }
-        var generator = SystemRandomNumberGenerator()
+        let random = open("/dev/urandom", O_RDONLY)
+        defer { close(random) }
+        var bytes = [UInt8](repeating: 0, count: randomPieces.map(\.1).max() ?? 0)
         for (offset, length) in randomPieces {
-            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
-            _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, length, off_t(offset)) }
+            guard read(random, &bytes, length) == length,
+                  pwrite(fd, bytes, length, off_t(offset)) == length else { throw POSIXError(.EIO) }
         }
         close(fd)
         return path
