@@ -186,13 +186,15 @@ extension MirrorJob {
             end += 1
         }
         let chunks = first..<end
+        let offset = UInt64(first) * options.granularity
+        let length = min(UInt64(end) * options.granularity, size) - offset
+        // The copy buffer (buf-size) bounds the bytes in flight; one run always fits.
+        guard state.bytesInFlight == 0 || state.bytesInFlight + length <= options.bufSize else { return false }
         // Clear the dirty bits before reading: a write racing with the copy re-dirties
         // its chunk, so it is copied again.
         state.dirty.clear(chunks)
         state.inFlight.set(chunks)
         state.cursor = end < state.dirty.chunkCount ? end : 0
-        let offset = UInt64(first) * options.granularity
-        let length = min(UInt64(end) * options.granularity, size) - offset
         state.backgroundOps += 1
         state.bytesInFlight += length
         if state.speed > 0 && !state.becameReady { state.allowance -= Double(length) }
