@@ -20,6 +20,7 @@ public struct BlockJobInfo: Codable, Sendable, Equatable {
     // Members beyond QEMU's:
     public var copyMode: CopyMode
     public var dirtyBytes: UInt64
+    public var resyncBytes: UInt64?
 
     enum CodingKeys: String, CodingKey {
         case type, device, len, offset, busy, paused, speed
@@ -31,6 +32,7 @@ public struct BlockJobInfo: Codable, Sendable, Equatable {
         case activelySynced = "actively-synced"
         case copyMode = "copy-mode"
         case dirtyBytes = "dirty-bytes"
+        case resyncBytes = "resync-bytes"
     }
 }
 
@@ -47,6 +49,7 @@ extension BlockJobInfo {
         if let error { members.append(("error", .string(error))) }
         members += [("actively-synced", .bool(activelySynced)), ("copy-mode", .string(copyMode.rawValue)),
                     ("dirty-bytes", .int(Int64(dirtyBytes)))]
+        if let resyncBytes { members.append(("resync-bytes", .int(Int64(resyncBytes)))) }
         return .object(members)
     }
 

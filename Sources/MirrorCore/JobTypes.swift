@@ -87,6 +87,10 @@ public struct MirrorOptions: Sendable {
     /// The target reads as zeroes everywhere (it was just created sparse): source holes
     /// need not be copied.
     public var targetIsZero = false
+    /// Resume after a crash: only the regions the dirty log marks are copied.
+    public var resumeFromLog = false
+    /// Reported as `resync-bytes`: what a restart had to copy again (nil for a new job).
+    public var resyncBytes: UInt64?
 
     public init(jobID: String) { self.jobID = jobID }
 

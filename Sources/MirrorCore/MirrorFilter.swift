@@ -55,10 +55,10 @@ public final class MirrorFilter: Sendable {
     /// Starts a mirror of the image to `target` (one job at a time, as one device has one
     /// mirror in QEMU).
     @discardableResult
-    public func startMirror(to target: any BlockDevice, options: MirrorOptions) throws(JobError) -> MirrorJob {
+    public func startMirror(to target: any BlockDevice, options: MirrorOptions, log: DirtyLog? = nil) throws(JobError) -> MirrorJob {
         guard !isReadOnly else { throw JobError("Block node is read-only") }
         let job = try MirrorJob(
-            options: options, source: device, target: target,
+            options: options, source: device, target: target, log: log,
             emit: { [weak self] event in self?.record(event) },
             lifecycle: { [weak self] change in self?.jobChanged(change) })
         try routing.withLock { (r: inout Routing) throws(JobError) in

@@ -68,6 +68,21 @@ extension MirrorJob {
         }
         guard let (copied, chunks) = claimed else { return .detached }
 
+        // The region's bit is durable before the source changes: after a crash the log
+        // covers every write that may have reached the source and not the target.
+        if let log {
+            do {
+                try log.mark(offset: offset, length: length)
+            } catch {
+                lock.withLock {
+                    if copied { state.inFlight.clear(chunks) }
+                    state.filterWrites -= 1
+                    lock.broadcast()
+                }
+                throw error
+            }
+        }
+
         let sourceResult = Result { () throws(Errno) in
             try write.apply(to: source, at: offset, skip: 0, length: length, cache: cache)
         }

@@ -38,6 +38,9 @@ extension MirrorJob {
         if size == 0 {
             lock.withLock { enterReady() }
             activelySyncedValue.store(true, ordering: .releasing)
+        } else if options.resumeFromLog, let log {
+            let ranges = log.loggedRanges(imageSize: size)
+            lock.withLock { for r in ranges { state.dirty.set(state.dirty.chunks(covering: r.offset, length: r.length)) } }
         } else if options.sync == .full {
             if options.targetIsZero {
                 markSourceDataDirty()
@@ -106,6 +109,7 @@ extension MirrorJob {
                 }
             }
             if launched { continue }
+            if log != nil && monotonicNow() - state.lastSweep >= 1 { sweepLog() }
             // Nothing to start now: wait for a completion, a write, a verb, or time.
             state.busy = state.backgroundOps > 0
             let idleReady = state.becameReady && state.backgroundOps == 0 && state.dirty.dirtyChunks == 0
@@ -117,6 +121,21 @@ extension MirrorJob {
                 lock.wait(timeout: idleReady ? 0.1 : 0.1)
             }
         }
+    }
+
+    /// Clears logged regions that are clean and were not written for two sweeps, after a
+    /// target flush (so a cleared bit never hides data the target could still lose). Lock held.
+    private func sweepLog() {
+        state.lastSweep = monotonicNow()
+        guard let log else { return }
+        let clean = unlocked { log.sweepCandidates() }.filter { region in
+            let offset = UInt64(region) * DirtyLog.regionSize
+            let chunks = state.dirty.chunks(covering: offset, length: min(DirtyLog.regionSize, size - offset))
+            return !chunks.contains { state.dirty.isDirty($0) || state.inFlight.isDirty($0) }
+        }
+        guard !clean.isEmpty else { return }
+        let flushed = unlocked { Result { () throws(Errno) in try target.flush(dataOnly: true) } }
+        if case .success = flushed { unlocked { log.clear(clean) } }
     }
 
     /// running → ready, BLOCK_JOB_READY once. Lock held.
@@ -383,6 +402,9 @@ extension MirrorJob {
             emit(JobEvent(.cancelled(device: id, len: len, offset: state.progressCurrent, speed: state.speed)))
         }
         if state.error != nil || state.forceCancelled { activelySyncedValue.store(false, ordering: .releasing) }
+        // Completed or cancelled: the log no longer describes anything. A failed job keeps
+        // it, so a restart still knows where the target differs.
+        if state.error == nil { log?.retire() }
         transition(to: .concluded)
         if !options.autoDismiss {
             while !state.dismissRequested { lock.wait() }

@@ -30,6 +30,9 @@ public final class MirrorJob: @unchecked Sendable {
     /// main loop); cleared by any error and any write not mirrored at once.
     let activelySyncedValue = Atomic<Bool>(false)
 
+    /// The persistent dirty log, when the job has one.
+    let log: DirtyLog?
+
     let lock = ConditionLock()
     /// Guarded by `lock`.
     var state: State
@@ -82,6 +85,8 @@ public final class MirrorJob: @unchecked Sendable {
         /// Token bucket for `speed` (bytes that may still be sent now; may go negative).
         var allowance: Double = 0
         var allowanceTime = monotonicNow()
+        /// When the dirty log was last swept.
+        var lastSweep = monotonicNow()
         /// After an ignored error, no new background work before this time.
         var retryAt: Double = 0
         var retryBackoff: Double = 0.05
@@ -94,8 +99,10 @@ public final class MirrorJob: @unchecked Sendable {
     }
 
     public init(options: MirrorOptions, source: any BlockDevice, target: any BlockDevice,
+                log: DirtyLog? = nil,
                 emit: @escaping @Sendable (JobEvent) -> Void,
                 lifecycle: @escaping @Sendable (Lifecycle) -> Void) throws(JobError) {
+        self.log = log
         try options.validate()
         self.id = options.jobID
         self.options = options
@@ -244,7 +251,8 @@ public final class MirrorJob: @unchecked Sendable {
                 speed: state.speed, ioStatus: state.ioStatus,
                 ready: state.status == .ready || state.status == .standby, status: state.status,
                 autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, error: state.error,
-                activelySynced: activelySynced, copyMode: copyMode, dirtyBytes: dirtyBytes)
+                activelySynced: activelySynced, copyMode: copyMode, dirtyBytes: dirtyBytes,
+                resyncBytes: options.resyncBytes)
         }
     }
 

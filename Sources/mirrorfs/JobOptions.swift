@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import MirrorCore
 
 /// A byte count: plain bytes or with a K, M or G suffix (powers of 1024).
@@ -42,11 +43,13 @@ struct JobOptions: ParsableArguments {
     var onTargetError: ErrorPolicy?
     @Option(help: "The job's id (default: the image's file name).")
     var jobID: String?
+    @Option(help: "Directory for the persistent dirty log (default: the target's directory; 'none': no log).")
+    var stateDir: String?
 
     /// Whether any job option other than --target was given.
     var hasJobSettings: Bool {
         copyMode != nil || sync != nil || granularity != nil || bufSize != nil || speed != nil
-            || onSourceError != nil || onTargetError != nil || jobID != nil
+            || onSourceError != nil || onTargetError != nil || jobID != nil || stateDir != nil
     }
 
     /// The job's options, checked with QEMU's rules and messages.
@@ -66,6 +69,23 @@ struct JobOptions: ParsableArguments {
         options.targetIsZero = targetIsZero
         try rethrowing { () throws(JobError) in try options.validate() }
         return options
+    }
+}
+
+extension JobOptions {
+    /// Where the dirty log of a mirror to `target` lives; nil with `--state-dir none`.
+    func dirtyLogPath(target: String) throws -> String? {
+        if stateDir == "none" { return nil }
+        let targetURL = URL(fileURLWithPath: target)
+        let directory = stateDir ?? targetURL.deletingLastPathComponent().path
+        var st = stat()
+        guard stat(directory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+            throw CLIError("state directory '\(directory)' is not a directory")
+        }
+        guard access(directory, W_OK) == 0 else {
+            throw CLIError("state directory '\(directory)' is not writable: \(String(cString: strerror(errno)))")
+        }
+        return directory + "/" + targetURL.lastPathComponent + ".dirtylog"
     }
 }
 

@@ -39,6 +39,7 @@ extension Mirrorfs {
                 throw CLIError("--read-only cannot be mirrored: a mirror needs a writable source")
             }
             let mirrorTarget = try job.target.map { try TargetImage.validate(path: $0, source: image) }
+            let logPath = try job.target.flatMap { try job.dirtyLogPath(target: $0) }
             let mirrorOptions = try mirrorTarget.map {
                 try job.mirrorOptions(defaultJobID: image.name, targetIsZero: !$0.exists)
             }
@@ -52,7 +53,7 @@ extension Mirrorfs {
             let ready = readyFD.map(ReadyPipe.init(fd:))
             do {
                 try serve(image: image, mountpoint: mountDirectory, mirror: mirrorTarget.map { ($0, mirrorOptions!) },
-                          socketPath: socketPath, ready: ready)
+                          logPath: logPath, socketPath: socketPath, ready: ready)
             } catch {
                 ready?.report(failure: "\(error)")
                 throw error
@@ -60,7 +61,7 @@ extension Mirrorfs {
         }
 
         private func serve(image: ImageSource, mountpoint: String, mirror: (TargetImage, MirrorOptions)?,
-                           socketPath: String, ready: ReadyPipe?) throws {
+                           logPath: String?, socketPath: String, ready: ReadyPipe?) throws {
             let pool = AlignedBufferPool(bufferSize: FUSEFileSystem.maxWrite)
             let device: FileBlockDevice
             do {
@@ -70,10 +71,13 @@ extension Mirrorfs {
             }
             let filter = MirrorFilter(source: device, readOnly: readOnly)
             filter.addEventListener { Log.info("event \($0.jsonLine)") }
-            if let (target, options) = mirror {
+            if let (target, chosen) = mirror {
+                var options = chosen
                 let targetDevice = try target.open(size: device.size, pool: pool)
+                let log = try logPath.map { try DirtyLogSetup.open(path: $0, source: device, target: targetDevice,
+                                                                    targetExisted: target.exists, options: &options) }
                 do {
-                    try filter.startMirror(to: targetDevice, options: options)
+                    try filter.startMirror(to: targetDevice, options: options, log: log)
                 } catch {
                     throw CLIError(error.description)
                 }
@@ -139,6 +143,33 @@ struct ImageSource {
         let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
         return ImageSource(path: absolute, name: URL(fileURLWithPath: path).lastPathComponent,
                            size: UInt64(st.st_size), device: st.st_dev, inode: st.st_ino, uid: st.st_uid, gid: st.st_gid, permissions: st.st_mode & 0o777)
+    }
+}
+
+/// Finds, checks and resumes the dirty log of a mirror, or starts a new one.
+enum DirtyLogSetup {
+    static func open(path: String, source: FileBlockDevice, target: FileBlockDevice, targetExisted: Bool,
+                     options: inout MirrorOptions) throws -> DirtyLog {
+        let identity = DirtyLog.Identity(source: source, target: target)
+        if targetExisted {
+            do {
+                let log = try DirtyLog.resume(path: path, identity: identity)
+                let ranges = log.loggedRanges(imageSize: source.size)
+                options.resumeFromLog = true
+                options.resyncBytes = ranges.reduce(0) { $0 + $1.length }
+                Log.info("resuming from \(path): \(ranges.count) logged regions, \(options.resyncBytes!) bytes to resync")
+                return log
+            } catch {
+                // Never trust a target the log cannot vouch for: copy everything.
+                Log.info("dirty log \(path): \(error); full resync")
+                options.resyncBytes = source.size
+            }
+        }
+        do {
+            return try DirtyLog.create(path: path, identity: identity, allDirty: options.sync == .full || targetExisted)
+        } catch {
+            throw CLIError("cannot create dirty log '\(path)': \(error)")
+        }
     }
 }
 
@@ -218,24 +249,44 @@ enum MountpointCheck {
     static func validate(path: String) throws -> String {
         var st = stat()
         guard stat(path, &st) == 0 else {
-            if errno == ENOTCONN {
-                throw CLIError("mountpoint '\(path)' is a stale FUSE mount (Transport endpoint is not connected); clear it with 'fusermount3 -u \(path)'")
-            }
+            if errno == ENOTCONN { return try detachStaleMount(path) }
             throw CLIError("mountpoint '\(path)': \(String(cString: strerror(errno)))")
         }
         guard (st.st_mode & S_IFMT) == S_IFDIR else {
             throw CLIError("mountpoint '\(path)' is not a directory")
         }
-        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: path) else {
-            throw CLIError("mountpoint '\(path)' cannot be listed")
+        // stat may be answered from the kernel's cache even when the daemon behind is gone.
+        guard let directory = opendir(path) else {
+            if errno == ENOTCONN { return try detachStaleMount(path) }
+            throw CLIError("mountpoint '\(path)' cannot be listed: \(String(cString: strerror(errno)))")
         }
-        guard entries.isEmpty else {
-            throw CLIError("mountpoint '\(path)' is not empty")
+        var empty = true
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { empty = false; break }
         }
+        closedir(directory)
+        guard empty else { throw CLIError("mountpoint '\(path)' is not empty") }
         guard let resolved = realpath(path, nil) else {
             throw CLIError("mountpoint '\(path)': \(String(cString: strerror(errno)))")
         }
         defer { free(resolved) }
         return String(cString: resolved)
+    }
+
+    /// A mirrorfs daemon that died left its mount behind ("Transport endpoint is not
+    /// connected"): detach it so the same mount command can resume.
+    private static func detachStaleMount(_ path: String) throws -> String {
+        let url = URL(fileURLWithPath: path)
+        guard let parent = realpath(url.deletingLastPathComponent().path, nil) else {
+            throw CLIError("mountpoint '\(path)': \(String(cString: strerror(errno)))")
+        }
+        let full = String(cString: parent) + "/" + url.lastPathComponent
+        free(parent)
+        guard MountTable.isMirrorfsMount(full), umount2(full, Int32(MNT_DETACH)) == 0 else {
+            throw CLIError("mountpoint '\(path)' is a stale FUSE mount (Transport endpoint is not connected); clear it with 'fusermount3 -u \(path)'")
+        }
+        Log.info("detached the stale mount left on \(full)")
+        return try validate(path: path)
     }
 }

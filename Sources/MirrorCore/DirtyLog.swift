@@ -1,0 +1,277 @@
+import Glibc
+import SystemPackage
+
+/// A persistent record of which regions of the image may differ between source and target
+/// (md's write-intent bitmap, dm-raid1's disk log): a region's bit is durable before any
+/// write to it reaches the source, and is cleared only after the target has been flushed
+/// with the region clean. After a crash, only logged regions are copied again.
+///
+/// Layout: a 4 KiB header, then one bit per `regionSize` bytes of the image.
+/// Regions are 1 MiB: a 1 TiB image needs 128 KiB of bitmap, a burst of random writes
+/// marks few new regions (most land in regions already marked, which costs nothing), and a
+/// crash resyncs at most 1 MiB per region touched since the last sweep.
+public final class DirtyLog: @unchecked Sendable {
+    public static let magic: [UInt8] = Array("MIRRORFS-DIRTYLOG".utf8)
+    public static let version: UInt32 = 1
+    public static let headerSize = 4096
+    public static let regionSize: UInt64 = 1 << 20
+
+    /// What the log belongs to: a log found for another source or target is not used.
+    public struct Identity: Equatable, Sendable {
+        public var sourceSize: UInt64, sourceDevice: UInt64, sourceInode: UInt64
+        public var targetSize: UInt64, targetDevice: UInt64, targetInode: UInt64
+        public init(source: FileBlockDevice, target: FileBlockDevice) {
+            sourceSize = source.size; sourceDevice = source.device; sourceInode = source.inode
+            targetSize = target.size; targetDevice = target.device; targetInode = target.inode
+        }
+    }
+
+    /// Why an existing log was not resumed.
+    public enum Rejection: Error, Equatable, CustomStringConvertible {
+        case missing, truncated, badMagic, wrongVersion(UInt32), badChecksum, identityMismatch
+        public var description: String {
+            switch self {
+            case .missing: "no log"
+            case .truncated: "the log is truncated"
+            case .badMagic: "the log has no valid header"
+            case .wrongVersion(let v): "the log has version \(v), not \(DirtyLog.version)"
+            case .badChecksum: "the log's header checksum does not match"
+            case .identityMismatch: "the log belongs to another source or target"
+            }
+        }
+    }
+
+    public let path: String
+    public let regionCount: Int
+    private let fd: Int32
+    private var header: [UInt8]
+    private let lock = ConditionLock()
+    // Guarded by `lock`:
+    private var wanted: [UInt64]       // bits set in memory
+    private var durable: [UInt64]      // bits known to be on disk
+    private var dirtyPages = Set<Int>() // bitmap pages changed since written
+    private var flushing = false
+    private var touchedRecent: [UInt64]
+    private var touchedOld: [UInt64]
+
+    private var bitmapBytes: Int { wanted.count * 8 }
+
+    /// Creates (or replaces) the log with `allDirty` regions set, durably.
+    public static func create(path: String, identity: Identity, allDirty: Bool) throws(Errno) -> DirtyLog {
+        let fd = try system_open(path + ".new", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600).get()
+        var jobID = [UInt8](repeating: 0, count: 16)
+        for i in jobID.indices { jobID[i] = UInt8.random(in: 0...255) }
+        let log = DirtyLog(path: path, fd: fd, identity: identity, generation: 1, jobID: jobID, allDirty: allDirty)
+        try log.writeWhole()
+        guard rename(path + ".new", path) == 0 else { throw Errno(rawValue: errno) }
+        return log
+    }
+
+    /// Opens an existing log for `identity`; on success the generation is bumped.
+    public static func resume(path: String, identity: Identity) throws(Rejection) -> DirtyLog {
+        guard case .success(let fd) = system_open(path, O_RDWR | O_CLOEXEC) else { throw .missing }
+        var header = [UInt8](repeating: 0, count: headerSize)
+        guard case .success(let n) = header.withUnsafeMutableBytes({ system_preadFully(fd, $0, at: 0) }), n == headerSize else {
+            close(fd); throw .truncated
+        }
+        guard Array(header[0..<magic.count]) == magic else { close(fd); throw .badMagic }
+        let version = header.load(UInt32.self, at: 24)
+        guard version == Self.version else { close(fd); throw .wrongVersion(version) }
+        guard header.load(UInt32.self, at: 28) == crc32(header, excluding: 28..<32) else { close(fd); throw .badChecksum }
+        let stored = Identity(header: header)
+        guard stored == identity else { close(fd); throw .identityMismatch }
+        let generation = header.load(UInt64.self, at: 32)
+        let jobID = Array(header[40..<56])
+        let log = DirtyLog(path: path, fd: fd, identity: identity, generation: generation + 1, jobID: jobID, allDirty: false)
+        var bitmap = [UInt8](repeating: 0, count: log.bitmapBytes)
+        guard case .success(let got) = bitmap.withUnsafeMutableBytes({ system_preadFully(fd, $0, at: UInt64(headerSize)) }),
+              got == bitmap.count else { close(fd); throw .truncated }
+        bitmap.withUnsafeBytes { raw in
+            for i in log.wanted.indices { log.wanted[i] = raw.load(fromByteOffset: i * 8, as: UInt64.self) }
+        }
+        log.durable = log.wanted
+        do { try log.writeHeader() } catch { close(fd); throw .truncated }
+        return log
+    }
+
+    private init(path: String, fd: Int32, identity: Identity, generation: UInt64, jobID: [UInt8], allDirty: Bool) {
+        self.path = path
+        self.fd = fd
+        regionCount = Int((identity.sourceSize + Self.regionSize - 1) / Self.regionSize)
+        let words = (regionCount + 63) / 64
+        wanted = [UInt64](repeating: 0, count: words)
+        if allDirty {
+            for r in 0..<regionCount { wanted[r >> 6] |= 1 << UInt64(r & 63) }
+        }
+        durable = wanted
+        touchedRecent = [UInt64](repeating: 0, count: words)
+        touchedOld = touchedRecent
+        header = [UInt8](repeating: 0, count: Self.headerSize)
+        header.replaceSubrange(0..<Self.magic.count, with: Self.magic)
+        header.store(Self.version, at: 24)
+        header.store(generation, at: 32)
+        header.replaceSubrange(40..<56, with: jobID)
+        identity.store(into: &header)
+        header.store(Self.regionSize, at: 112)
+        header.store(UInt64(regionCount), at: 120)
+        header.store(crc32(header, excluding: 28..<32), at: 28)
+    }
+
+    deinit { close(fd) }
+
+    // MARK: - Queries
+
+    /// Byte ranges of the image whose regions are logged.
+    public func loggedRanges(imageSize: UInt64) -> [(offset: UInt64, length: UInt64)] {
+        lock.withLock {
+            (0..<regionCount).filter { isSet(wanted, $0) }.map {
+                let offset = UInt64($0) * Self.regionSize
+                return (offset, min(Self.regionSize, imageSize - offset))
+            }
+        }
+    }
+
+    public var loggedRegions: Int { lock.withLock { (0..<regionCount).filter { isSet(wanted, $0) }.count } }
+
+    // MARK: - Write path
+
+    /// Makes the bits of the regions under [offset, offset+length) durable. Regions already
+    /// durable cost nothing; concurrent callers share one write and one fdatasync.
+    public func mark(offset: UInt64, length: UInt64) throws(Errno) {
+        guard length > 0 else { return }
+        let regions = Int(offset / Self.regionSize)...Int((offset + length - 1) / Self.regionSize)
+        try lock.withLock { () throws(Errno) in
+            for r in regions { set(&touchedRecent, r) }
+            if regions.allSatisfy({ isSet(durable, $0) }) { return }
+            for r in regions where !isSet(wanted, r) {
+                set(&wanted, r)
+                dirtyPages.insert(r / 8 / 4096)
+            }
+            while !regions.allSatisfy({ isSet(durable, $0) }) {
+                if flushing { lock.wait(); continue }
+                try flushLocked()
+            }
+        }
+    }
+
+    /// Writes the changed bitmap pages and fdatasyncs, with the lock released meanwhile.
+    private func flushLocked() throws(Errno) {
+        flushing = true
+        let snapshot = wanted
+        let pages = dirtyPages
+        dirtyPages.removeAll()
+        lock.unlock()
+        var result: Result<Void, Errno> = .success(())
+        snapshot.withUnsafeBytes { raw in
+            for page in pages.sorted() {
+                let start = page * 4096
+                let end = min(start + 4096, raw.count)
+                guard start < end else { continue }
+                let slice = UnsafeRawBufferPointer(rebasing: raw[start..<end])
+                if case .failure(let e) = system_pwriteFully(fd, slice, at: UInt64(Self.headerSize + start)) { result = .failure(e) }
+            }
+        }
+        if case .success = result { result = system_sync(fd, dataOnly: true) }
+        lock.lock()
+        flushing = false
+        if case .success = result {
+            durable = snapshot
+        } else {
+            dirtyPages.formUnion(pages)
+        }
+        lock.broadcast()
+        try result.get()
+    }
+
+    // MARK: - Clearing
+
+    /// Regions untouched for two sweeps: candidates to clear once the target is flushed.
+    /// Call periodically (every second or so).
+    public func sweepCandidates() -> [Int] {
+        lock.withLock {
+            var candidates: [Int] = []
+            for r in 0..<regionCount where isSet(wanted, r) && !isSet(touchedRecent, r) && !isSet(touchedOld, r) {
+                candidates.append(r)
+            }
+            touchedOld = touchedRecent
+            touchedRecent = [UInt64](repeating: 0, count: touchedRecent.count)
+            return candidates
+        }
+    }
+
+    /// Clears `regions` (the caller flushed the target after checking they are clean). The
+    /// page is written without a sync: a bit that stays set on disk only costs a resync.
+    public func clear(_ regions: [Int]) {
+        lock.withLock {
+            for r in regions where !isSet(touchedRecent, r) {
+                unset(&wanted, r)
+                unset(&durable, r)
+                dirtyPages.insert(r / 8 / 4096)
+            }
+            guard !flushing, !dirtyPages.isEmpty else { return }
+            let pages = dirtyPages
+            dirtyPages.removeAll()
+            wanted.withUnsafeBytes { raw in
+                for page in pages {
+                    let start = page * 4096, end = min(start + 4096, raw.count)
+                    if start < end { _ = system_pwriteFully(fd, UnsafeRawBufferPointer(rebasing: raw[start..<end]), at: UInt64(Self.headerSize + start)) }
+                }
+            }
+        }
+    }
+
+    /// The job ended (completed or cancelled): the log no longer describes anything.
+    public func retire() {
+        unlink(path)
+    }
+
+    // MARK: - File
+
+    private func writeWhole() throws(Errno) {
+        try writeHeader()
+        try wanted.withUnsafeBytes { raw in system_pwriteFully(fd, raw, at: UInt64(Self.headerSize)) }.get()
+        try system_sync(fd, dataOnly: false).get()
+    }
+
+    private func writeHeader() throws(Errno) {
+        try header.withUnsafeBytes { raw in system_pwriteFully(fd, raw, at: 0) }.get()
+        try system_sync(fd, dataOnly: true).get()
+    }
+
+    private func isSet(_ words: [UInt64], _ r: Int) -> Bool { words[r >> 6] & (1 << UInt64(r & 63)) != 0 }
+    private func set(_ words: inout [UInt64], _ r: Int) { words[r >> 6] |= 1 << UInt64(r & 63) }
+    private func unset(_ words: inout [UInt64], _ r: Int) { words[r >> 6] &= ~(1 << UInt64(r & 63)) }
+}
+
+extension DirtyLog.Identity {
+    init(header: [UInt8]) {
+        sourceSize = header.load(UInt64.self, at: 64); sourceDevice = header.load(UInt64.self, at: 72)
+        sourceInode = header.load(UInt64.self, at: 80); targetSize = header.load(UInt64.self, at: 88)
+        targetDevice = header.load(UInt64.self, at: 96); targetInode = header.load(UInt64.self, at: 104)
+    }
+
+    func store(into header: inout [UInt8]) {
+        header.store(sourceSize, at: 64); header.store(sourceDevice, at: 72); header.store(sourceInode, at: 80)
+        header.store(targetSize, at: 88); header.store(targetDevice, at: 96); header.store(targetInode, at: 104)
+    }
+}
+
+extension Array where Element == UInt8 {
+    func load<T: FixedWidthInteger>(_: T.Type, at offset: Int) -> T {
+        withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
+    }
+
+    mutating func store<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+        withUnsafeMutableBytes { $0.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self) }
+    }
+}
+
+/// CRC-32 (IEEE) of `bytes`, with the bytes in `excluding` taken as zero.
+func crc32(_ bytes: [UInt8], excluding: Range<Int>) -> UInt32 {
+    var crc: UInt32 = 0xFFFF_FFFF
+    for (i, byte) in bytes.enumerated() {
+        crc ^= UInt32(excluding.contains(i) ? 0 : byte)
+        for _ in 0..<8 { crc = (crc >> 1) ^ (0xEDB8_8320 & (0 &- (crc & 1))) }
+    }
+    return ~crc
+}
