@@ -1,0 +1,82 @@
+import Foundation
+@testable import MirrorCore
+import SystemPackage
+import XCTest
+
+final class DirtyLogTests: XCTestCase {
+    private var directory: String!
+    private var source: FileBlockDevice!
+    private var target: FileBlockDevice!
+    private var logPath: String { directory + "/target.raw.dirtylog" }
+
+    override func setUpWithError() throws {
+        directory = NSTemporaryDirectory() + "/dirtylog-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        for name in ["source.raw", "target.raw", "other.raw"] {
+            _ = FileManager.default.createFile(atPath: directory + "/" + name, contents: nil)
+            XCTAssertEqual(truncate(directory + "/" + name, 8 << 20), 0)
+        }
+        let pool = AlignedBufferPool(bufferSize: 1 << 20)
+        source = try FileBlockDevice(path: directory + "/source.raw", readOnly: false, bufferPool: pool)
+        target = try FileBlockDevice(path: directory + "/target.raw", readOnly: false, bufferPool: pool)
+    }
+
+    override func tearDownWithError() throws {
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    private var identity: DirtyLog.Identity { DirtyLog.Identity(source: source, target: target) }
+
+    func testMarkedRegionsSurviveAReopenAndClearedOnesDoNot() throws {
+        let log = try DirtyLog.create(path: logPath, identity: identity, allDirty: false)
+        try log.mark(offset: 100, length: 10)                   // region 0
+        try log.mark(offset: (3 << 20) - 1, length: 2)         // regions 2 and 3
+        XCTAssertEqual(log.loggedRegions, 3)
+        // Untouched through two whole sweep intervals: candidates. Region 2 is written meanwhile.
+        XCTAssertEqual(log.sweepCandidates(), [], "just written")
+        XCTAssertEqual(log.sweepCandidates(), [], "written in the previous interval")
+        let candidates = log.sweepCandidates()
+        XCTAssertEqual(candidates, [0, 2, 3])
+        try log.mark(offset: 2 << 20, length: 1)
+        log.clear(candidates)
+        let reopened = try DirtyLog.resume(path: logPath, identity: identity)
+        XCTAssertEqual(reopened.loggedRanges(imageSize: 8 << 20).map(\.offset), [2 << 20])
+    }
+
+    func testBadLogsAreEachRejected() throws {
+        func fresh() throws { _ = try DirtyLog.create(path: logPath, identity: identity, allDirty: true) }
+        func expect(_ rejection: DirtyLog.Rejection, file: StaticString = #filePath, line: UInt = #line) {
+            XCTAssertThrowsError(try DirtyLog.resume(path: logPath, identity: identity), file: file, line: line) {
+                XCTAssertEqual($0 as? DirtyLog.Rejection, rejection, file: file, line: line)
+            }
+        }
+        func patch(_ offset: Int, _ bytes: [UInt8]) throws {
+            let handle = try XCTUnwrap(FileHandle(forUpdatingAtPath: logPath))
+            try handle.seek(toOffset: UInt64(offset))
+            handle.write(Data(bytes))
+            try handle.close()
+        }
+        expect(.missing)
+
+        try fresh()
+        try patch(50, [0xff])                      // a corrupted header byte
+        expect(.badChecksum)
+
+        try fresh()
+        XCTAssertEqual(truncate(logPath, 4096 + 0), 0)   // the bitmap is cut off
+        expect(.truncated)
+
+        try fresh()
+        try patch(24, [2, 0, 0, 0])                // another format version
+        expect(.wrongVersion(2))
+
+        try fresh()
+        try patch(0, Array("NOT-A-LOG".utf8))
+        expect(.badMagic)
+
+        // A log written for another target (a swapped file of the same name and size).
+        let other = try FileBlockDevice(path: directory + "/other.raw", readOnly: false, bufferPool: AlignedBufferPool(bufferSize: 4096))
+        _ = try DirtyLog.create(path: logPath, identity: DirtyLog.Identity(source: source, target: other), allDirty: true)
+        expect(.identityMismatch)
+    }
+}
