@@ -7,14 +7,19 @@ import SystemPackage
 /// with the region clean. After a crash, only logged regions are copied again.
 ///
 /// Layout: a 4 KiB header, then one bit per `regionSize` bytes of the image.
-/// Regions are 1 MiB: a 1 TiB image needs 128 KiB of bitmap, a burst of random writes
-/// marks few new regions (most land in regions already marked, which costs nothing), and a
-/// crash resyncs at most 1 MiB per region touched since the last sweep.
+/// Regions are 64 MiB, as md's bitmap chunks on large arrays: the first write to a region
+/// costs one log write and fdatasync (shared by concurrent writers), so small regions make
+/// sequential writers pay it often (measured here: 0.57× the throughput of 1 MiB writes
+/// with 16 MiB regions). With 64 MiB a sequential writer pays once per 64 MiB, random
+/// writers mark every region within moments and then pay nothing, a 1 TiB image needs a
+/// 2 KiB bitmap, and a crash resyncs at most 64 MiB per region written in the last ~10 s.
 public final class DirtyLog: @unchecked Sendable {
     public static let magic: [UInt8] = Array("MIRRORFS-DIRTYLOG".utf8)
     public static let version: UInt32 = 1
     public static let headerSize = 4096
-    public static let regionSize: UInt64 = 1 << 20
+    public static let regionSize: UInt64 = 64 << 20
+    /// Seconds between sweeps; a region is cleared after two whole intervals without writes.
+    public static let sweepInterval: Double = 5
 
     /// What the log belongs to: a log found for another source or target is not used.
     public struct Identity: Equatable, Sendable {

@@ -109,7 +109,7 @@ extension MirrorJob {
                 }
             }
             if launched { continue }
-            if log != nil && monotonicNow() - state.lastSweep >= 1 { sweepLog() }
+            if log != nil && monotonicNow() - state.lastSweep >= DirtyLog.sweepInterval { sweepLog() }
             // Nothing to start now: wait for a completion, a write, a verb, or time.
             state.busy = state.backgroundOps > 0
             let idleReady = state.becameReady && state.backgroundOps == 0 && state.dirty.dirtyChunks == 0

@@ -14,7 +14,7 @@ final class DirtyLogTests: XCTestCase {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         for name in ["source.raw", "target.raw", "other.raw"] {
             _ = FileManager.default.createFile(atPath: directory + "/" + name, contents: nil)
-            XCTAssertEqual(truncate(directory + "/" + name, 8 << 20), 0)
+            XCTAssertEqual(truncate(directory + "/" + name, off_t(8 * DirtyLog.regionSize)), 0)
         }
         let pool = AlignedBufferPool(bufferSize: 1 << 20)
         source = try FileBlockDevice(path: directory + "/source.raw", readOnly: false, bufferPool: pool)
@@ -29,18 +29,19 @@ final class DirtyLogTests: XCTestCase {
 
     func testMarkedRegionsSurviveAReopenAndClearedOnesDoNot() throws {
         let log = try DirtyLog.create(path: logPath, identity: identity, allDirty: false)
+        let region = DirtyLog.regionSize
         try log.mark(offset: 100, length: 10)                   // region 0
-        try log.mark(offset: (3 << 20) - 1, length: 2)         // regions 2 and 3
+        try log.mark(offset: 3 * region - 1, length: 2)         // regions 2 and 3
         XCTAssertEqual(log.loggedRegions, 3)
         // Untouched through two whole sweep intervals: candidates. Region 2 is written meanwhile.
         XCTAssertEqual(log.sweepCandidates(), [], "just written")
         XCTAssertEqual(log.sweepCandidates(), [], "written in the previous interval")
         let candidates = log.sweepCandidates()
         XCTAssertEqual(candidates, [0, 2, 3])
-        try log.mark(offset: 2 << 20, length: 1)
+        try log.mark(offset: 2 * region, length: 1)
         log.clear(candidates)
         let reopened = try DirtyLog.resume(path: logPath, identity: identity)
-        XCTAssertEqual(reopened.loggedRanges(imageSize: 8 << 20).map(\.offset), [2 << 20])
+        XCTAssertEqual(reopened.loggedRanges(imageSize: 8 * region).map(\.offset), [2 * region])
     }
 
     func testBadLogsAreEachRejected() throws {
