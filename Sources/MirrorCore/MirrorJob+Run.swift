@@ -112,13 +112,13 @@ extension MirrorJob {
             if log != nil && monotonicNow() - state.lastSweep >= DirtyLog.sweepInterval { sweepLog() }
             // Nothing to start now: wait for a completion, a write, a verb, or time.
             state.busy = state.backgroundOps > 0
-            let idleReady = state.becameReady && state.backgroundOps == 0 && state.dirty.dirtyChunks == 0
             if rateDelay > 0 {
                 lock.wait(timeout: rateDelay)
             } else if state.retryAt > monotonicNow() {
                 lock.wait(timeout: state.retryAt - monotonicNow())
             } else {
-                lock.wait(timeout: idleReady ? 0.1 : 0.1)
+                // QEMU's BLOCK_JOB_SLICE_TIME: any change broadcasts sooner.
+                lock.wait(timeout: 0.1)
             }
         }
     }
@@ -280,12 +280,13 @@ extension MirrorJob {
 
     /// Whether `offset` starts data or a hole in the source, and where that extent ends.
     private func sourceExtent(at offset: UInt64, limit: UInt64) -> (isData: Bool, end: UInt64) {
-        guard let dataStart = try? source.seek(.data, from: offset) else {
-            // ENXIO: only a hole follows. Any other error: treat as data and let the read tell.
-            if case .failure(.noSuchAddressOrDevice) = Result(catching: { () throws(Errno) in try source.seek(.data, from: offset) }) {
-                return (false, limit)
-            }
-            return (true, limit)
+        let dataStart: UInt64
+        do {
+            dataStart = try source.seek(.data, from: offset)
+        } catch .noSuchAddressOrDevice {
+            return (false, limit)  // only a hole follows
+        } catch {
+            return (true, limit)   // cannot tell: treat as data and let the read decide
         }
         if dataStart > offset { return (false, min(dataStart, limit)) }
         let holeStart = (try? source.seek(.hole, from: offset)) ?? limit

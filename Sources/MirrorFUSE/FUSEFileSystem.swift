@@ -36,7 +36,14 @@ public final class FUSEFileSystem: Sendable {
 
     /// Each open of a status file reads one snapshot, taken at open: every open sees the
     /// state of that moment, and reads within one open are consistent (procfs style).
-    private let statusSnapshots = Mutex<(next: UInt64, contents: [UInt64: [UInt8]])>((1, [:]))
+    private let statusSnapshots = Mutex<StatusSnapshots>(StatusSnapshots())
+    private struct StatusSnapshots {
+        var next: UInt64 = 1
+        var contents: [UInt64: [UInt8]] = [:]
+        /// Per status file: the size of its newest open snapshot. fstat after open reports
+        /// that size, so a reader that trusts st_size reads the snapshot whole.
+        var newestSize: [Node: (handle: UInt64, size: Int)] = [:]
+    }
     /// Buffers for image reads: page aligned, so O_DIRECT reads need no bounce copy.
     let readBuffers: AlignedBufferPool
 
@@ -103,7 +110,8 @@ public final class FUSEFileSystem: Sendable {
         case .jobJSON, .eventsJSONL:
             st.st_mode = S_IFREG | 0o444
             st.st_nlink = 1
-            st.st_size = off_t(statusContent(of: node).count)
+            let open = statusSnapshots.withLock { $0.newestSize[node]?.size }
+            st.st_size = off_t(open ?? statusContent(of: node).count)
         }
         return .success(st)
     }
@@ -124,6 +132,7 @@ public final class FUSEFileSystem: Sendable {
             let handle = state.next
             state.next += 1
             state.contents[handle] = content
+            state.newestSize[node] = (handle, content.count)
             return handle
         }
     }
@@ -138,6 +147,11 @@ public final class FUSEFileSystem: Sendable {
     }
 
     func closeStatusSnapshot(_ handle: UInt64) {
-        _ = statusSnapshots.withLock { $0.contents.removeValue(forKey: handle) }
+        statusSnapshots.withLock { state in
+            state.contents.removeValue(forKey: handle)
+            for (node, newest) in state.newestSize where newest.handle == handle {
+                state.newestSize.removeValue(forKey: node)
+            }
+        }
     }
 }

@@ -312,8 +312,8 @@ public final class QMPCommands: Sendable {
         options.autoFinalize = a.bool("auto-finalize") ?? true
         options.autoDismiss = a.bool("auto-dismiss") ?? true
         do { try options.validate() } catch { throw .generic(error.description) }
-        if let current = filter.job {
-            throw .generic("Node '\(imageName)' is busy: block device is in use by block job: \(current.id.isEmpty ? "mirror" : "mirror")")
+        if filter.job != nil {
+            throw .generic("Node '\(imageName)' is busy: block device is in use by block job: mirror")
         }
         let target = try openTarget(path: a.string("target")!, existing: a.string("mode") == "existing")
         options.targetIsZero = a.string("mode") != "existing"

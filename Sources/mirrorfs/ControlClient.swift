@@ -18,14 +18,11 @@ final class ControlClient {
             throw CLIError("'\(mountpoint)' is not a mirrorfs mount (\(String(cString: strerror(errno))))")
         }
         let path = String(decoding: buffer[0..<Int(length)], as: UTF8.self)
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8) + [0]) }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        guard let address = UnixSocketAddress(path: path) else {
+            throw CLIError("the daemon's socket path '\(path)' is too long")
         }
-        guard connected == 0 else {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard address.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
             let reason = String(cString: strerror(errno))
             close(fd)
             throw CLIError("cannot reach the daemon of '\(mountpoint)' at \(path): \(reason)")

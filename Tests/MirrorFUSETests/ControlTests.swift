@@ -171,6 +171,9 @@ final class ControlTests: XCTestCase {
             usleep(100_000)
         }
         try check(mirrorfsBinary, ["job", "change", mount.mountpoint, "--copy-mode", "write-blocking"])
+        while !(try check(mirrorfsBinary, ["status", mount.mountpoint, "--json"])).contains(#""actively-synced": true"#)
+                && Date() < deadline { usleep(100_000) }
+        usleep(1_200_000)  // the watcher redraws every 0.5 s
         let refused = try execute(mirrorfsBinary, ["job", "change", mount.mountpoint, "--copy-mode", "background"])
         XCTAssertNotEqual(refused.status, 0)
         XCTAssertEqual(refused.stderr, "mirrorfs: error: Change to copy mode 'background' is not implemented\n")

@@ -25,6 +25,31 @@ final class CrashTests: XCTestCase {
         print(text)
     }
 
+    /// After the sweeps have cleared the regions the initial copy finished, a crash resyncs
+    /// only the region written since: one 64 MiB region of a 512 MiB image.
+    func testResumeCopiesOnlyTheRegionsWrittenSinceTheLastSweeps() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 512 << 20, randomPieces: [(0, 64 << 20)])
+        let target = scratch.file("target.raw")
+        let mnt = try scratch.directory("mnt")
+        var mount: Mount? = try Mount(source: source, at: mnt, extra: ["--target", target])
+        func job() -> String { (try? String(contentsOfFile: mnt + "/.status/job.json", encoding: .utf8)) ?? "" }
+        let deadline = Date().addingTimeInterval(30)
+        while !job().contains(#""ready": true"#) && Date() < deadline { usleep(50_000) }
+        // Two whole sweep intervals (5 s each) without writes clear every region.
+        usleep(11_500_000)
+        try check("qemu-io", ["-f", "raw", "-c", "write -P 0x21 300M 1M", mount!.image])
+        mount!.stop(signal: SIGKILL)
+        mount = nil
+        let restarted = try Mount(source: source, at: mnt, extra: ["--target", target])
+        let again = Date().addingTimeInterval(30)
+        while !job().contains(#""ready": true"#) && Date() < again { usleep(50_000) }
+        XCTAssertTrue(job().contains(#""resync-bytes": \#(64 << 20)"#), job())
+        XCTAssertEqual(restarted.stop(), 0)
+        let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target])
+        XCTAssertEqual(compare.status, 0)
+    }
+
     /// A log that cannot vouch for the target (corrupted here) means a full resync.
     func testCorruptLogAfterACrashLeadsToAFullResync() throws {
         let scratch = try Scratch()
