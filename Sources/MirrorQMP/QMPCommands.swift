@@ -61,6 +61,24 @@ public final class QMPCommands: Sendable {
         let parameters: [Parameter]
         let handler: @Sendable (QMPCommands, Arguments) throws(QMPError) -> JSONValue
     }
+
+    /// A block-job-* verb: the job is named by `key` (`device` or `id`); an unknown one is
+    /// DeviceNotActive.
+    private static func blockJobVerb(_ key: Parameter, _ more: [Parameter] = [],
+                                     _ verb: @escaping @Sendable (MirrorJob, Arguments) throws(JobError) -> Void) -> Command {
+        Command(parameters: [key] + more) { c, a throws(QMPError) in
+            let job = try c.blockJob(a.string(key.name)!)
+            return try c.run { () throws(JobError) in try verb(job, a) }
+        }
+    }
+
+    /// A job-* verb: the job is named by `id`; an unknown one is GenericError "Job not found".
+    private static func jobVerb(_ verb: @escaping @Sendable (MirrorJob) throws(JobError) -> Void) -> Command {
+        Command(parameters: [.req("id", .string)]) { c, a throws(QMPError) in
+            let job = try c.anyJob(a.string("id")!)
+            return try c.run { () throws(JobError) in try verb(job) }
+        }
+    }
     private let table: [String: Command]
 
     public init(filter: MirrorFilter, imageName: String, package: String, onQuit: @escaping @Sendable () -> Void) {
@@ -93,64 +111,28 @@ public final class QMPCommands: Sendable {
                 .opt("copy-mode", .enumeration(["background", "write-blocking"])),
                 .opt("auto-finalize", .bool), .opt("auto-dismiss", .bool),
             ]) { c, a throws(QMPError) in try c.driveMirror(a) },
-            "block-job-change": Command(parameters: [id, .req("type", .enumeration(["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load", "snapshot-save", "snapshot-delete"])),
-                                                     .req("copy-mode", .enumeration(["background", "write-blocking"]))]) { c, a throws(QMPError) in
-                let job = try c.blockJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.change(copyMode: CopyMode(rawValue: a.string("copy-mode")!)!) }
+            "block-job-change": Self.blockJobVerb(id, [.req("type", .enumeration(["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load", "snapshot-save", "snapshot-delete"])),
+                                                  .req("copy-mode", .enumeration(["background", "write-blocking"]))]) { job, a throws(JobError) in
+                try job.change(copyMode: CopyMode(rawValue: a.string("copy-mode")!)!)
             },
-            "block-job-complete": Command(parameters: [device]) { c, a throws(QMPError) in
-                let job = try c.blockJob(a.string("device")!)
-                return try c.run { () throws(JobError) in try job.complete() }
+            "block-job-complete": Self.blockJobVerb(device) { job, _ throws(JobError) in try job.complete() },
+            "block-job-cancel": Self.blockJobVerb(device, [.opt("force", .bool)]) { job, a throws(JobError) in
+                try job.cancel(force: a.bool("force") ?? false)
             },
-            "block-job-cancel": Command(parameters: [device, .opt("force", .bool)]) { c, a throws(QMPError) in
-                let job = try c.blockJob(a.string("device")!)
-                return try c.run { () throws(JobError) in try job.cancel(force: a.bool("force") ?? false) }
+            "block-job-pause": Self.blockJobVerb(device) { job, _ throws(JobError) in try job.pause() },
+            "block-job-resume": Self.blockJobVerb(device) { job, _ throws(JobError) in try job.resume() },
+            "block-job-set-speed": Self.blockJobVerb(device, [.req("speed", .int)]) { job, a throws(JobError) in
+                try job.setSpeed(a.int("speed")!)
             },
-            "block-job-pause": Command(parameters: [device]) { c, a throws(QMPError) in
-                let job = try c.blockJob(a.string("device")!)
-                return try c.run { () throws(JobError) in try job.pause() }
-            },
-            "block-job-resume": Command(parameters: [device]) { c, a throws(QMPError) in
-                let job = try c.blockJob(a.string("device")!)
-                return try c.run { () throws(JobError) in try job.resume() }
-            },
-            "block-job-set-speed": Command(parameters: [device, .req("speed", .int)]) { c, a throws(QMPError) in
-                let job = try c.blockJob(a.string("device")!)
-                return try c.run { () throws(JobError) in try job.setSpeed(a.int("speed")!) }
-            },
-            "block-job-dismiss": Command(parameters: [id]) { c, a throws(QMPError) in
-                let job = try c.blockJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.dismiss() }
-            },
-            "block-job-finalize": Command(parameters: [id]) { c, a throws(QMPError) in
-                let job = try c.blockJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.finalize() }
-            },
-            "job-pause": Command(parameters: [id]) { c, a throws(QMPError) in
-                let job = try c.anyJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.pause() }
-            },
-            "job-resume": Command(parameters: [id]) { c, a throws(QMPError) in
-                let job = try c.anyJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.resume() }
-            },
+            "block-job-dismiss": Self.blockJobVerb(id) { job, _ throws(JobError) in try job.dismiss() },
+            "block-job-finalize": Self.blockJobVerb(id) { job, _ throws(JobError) in try job.finalize() },
+            "job-pause": Self.jobVerb { job throws(JobError) in try job.pause() },
+            "job-resume": Self.jobVerb { job throws(JobError) in try job.resume() },
             // job-cancel always force-cancels (QEMU).
-            "job-cancel": Command(parameters: [id]) { c, a throws(QMPError) in
-                let job = try c.anyJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.cancel(force: true) }
-            },
-            "job-complete": Command(parameters: [id]) { c, a throws(QMPError) in
-                let job = try c.anyJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.complete() }
-            },
-            "job-dismiss": Command(parameters: [id]) { c, a throws(QMPError) in
-                let job = try c.anyJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.dismiss() }
-            },
-            "job-finalize": Command(parameters: [id]) { c, a throws(QMPError) in
-                let job = try c.anyJob(a.string("id")!)
-                return try c.run { () throws(JobError) in try job.finalize() }
-            },
+            "job-cancel": Self.jobVerb { job throws(JobError) in try job.cancel(force: true) },
+            "job-complete": Self.jobVerb { job throws(JobError) in try job.complete() },
+            "job-dismiss": Self.jobVerb { job throws(JobError) in try job.dismiss() },
+            "job-finalize": Self.jobVerb { job throws(JobError) in try job.finalize() },
             "quit": Command(parameters: []) { _, _ in .object([]) },
         ]
     }

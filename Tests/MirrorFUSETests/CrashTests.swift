@@ -3,26 +3,13 @@ import XCTest
 
 /// The dirty log through real crashes: `kill -9` of the daemon under load, restart, compare.
 final class CrashTests: XCTestCase {
-    private let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        .deletingLastPathComponent().deletingLastPathComponent().path
-
     /// 10 trials per copy mode (tools/crash-test runs any number).
     func testKillNineUnderFourWritersThenRestartResyncsOnlyLoggedRegions() throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: root + "/tools/crash-test")
-        process.arguments = [ProcessInfo.processInfo.environment["MIRRORFS_CRASH_TRIALS"] ?? "10", "both"]
-        var environment = ProcessInfo.processInfo.environment
-        environment["MIRRORFS"] = mirrorfsBinary
-        process.environment = environment
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        XCTAssertEqual(process.terminationStatus, 0, text)
-        XCTAssertTrue(text.contains("trials identical with resync within the log"), text)
-        print(text)
+        let trials = ProcessInfo.processInfo.environment["MIRRORFS_CRASH_TRIALS"] ?? "10"
+        let (status, output) = try runTool("tools/crash-test", [trials, "both"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("trials identical with resync within the log"), output)
+        print(output)
     }
 
     /// After the sweeps have cleared the regions the initial copy finished, a crash resyncs
@@ -33,18 +20,15 @@ final class CrashTests: XCTestCase {
         let target = scratch.file("target.raw")
         let mnt = try scratch.directory("mnt")
         var mount: Mount? = try Mount(source: source, at: mnt, extra: ["--target", target])
-        func job() -> String { (try? String(contentsOfFile: mnt + "/.status/job.json", encoding: .utf8)) ?? "" }
-        let deadline = Date().addingTimeInterval(30)
-        while !job().contains(#""ready": true"#) && Date() < deadline { usleep(50_000) }
+        waitForJob(mnt, containing: #""ready": true"#)
         // Two whole sweep intervals (5 s each) without writes clear every region.
         usleep(11_500_000)
         try check("qemu-io", ["-f", "raw", "-c", "write -P 0x21 300M 1M", mount!.image])
         mount!.stop(signal: SIGKILL)
         mount = nil
         let restarted = try Mount(source: source, at: mnt, extra: ["--target", target])
-        let again = Date().addingTimeInterval(30)
-        while !job().contains(#""ready": true"#) && Date() < again { usleep(50_000) }
-        XCTAssertTrue(job().contains(#""resync-bytes": \#(64 << 20)"#), job())
+        let json = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(json.contains(#""resync-bytes": \#(64 << 20)"#), json)
         XCTAssertEqual(restarted.stop(), 0)
         let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target])
         XCTAssertEqual(compare.status, 0)
@@ -57,9 +41,7 @@ final class CrashTests: XCTestCase {
         let target = scratch.file("target.raw")
         let mnt = try scratch.directory("mnt")
         var mount: Mount? = try Mount(source: source, at: mnt, extra: ["--target", target])
-        let deadline = Date().addingTimeInterval(30)
-        while !(try String(contentsOfFile: mnt + "/.status/job.json", encoding: .utf8)).contains(#""ready": true"#)
-                && Date() < deadline { usleep(50_000) }
+        waitForJob(mnt, containing: #""ready": true"#)
         try check("qemu-io", ["-f", "raw", "-c", "write -P 0x77 5M 64k", mount!.image])
         mount!.stop(signal: SIGKILL)
         mount = nil
@@ -69,12 +51,7 @@ final class CrashTests: XCTestCase {
         handle.write(Data([0xAB]))
         try handle.close()
         let restarted = try Mount(source: source, at: mnt, extra: ["--target", target])
-        let again = Date().addingTimeInterval(30)
-        var json = ""
-        repeat {
-            json = try String(contentsOfFile: mnt + "/.status/job.json", encoding: .utf8)
-            usleep(50_000)
-        } while !json.contains(#""ready": true"#) && Date() < again
+        let json = waitForJob(mnt, containing: #""ready": true"#)
         XCTAssertTrue(json.contains(#""resync-bytes": \#(32 << 20)"#), json)
         XCTAssertEqual(restarted.stop(), 0)
         let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target])

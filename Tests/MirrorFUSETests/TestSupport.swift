@@ -159,3 +159,36 @@ final class Mount {
         if isMounted(mountpoint) { _ = try? execute("/usr/bin/fusermount3", ["-u", "-z", mountpoint]) }
     }
 }
+
+/// Runs one of the project's tools/ scripts against the built binary; returns its exit
+/// status and combined output.
+func runTool(_ relativePath: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent().path
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: root + "/" + relativePath)
+    process.arguments = arguments
+    var environment = ProcessInfo.processInfo.environment
+    environment["MIRRORFS"] = mirrorfsBinary
+    process.environment = environment
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = output
+    try process.run()
+    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+    return (process.terminationStatus, text)
+}
+
+/// Polls `.status/job.json` of a mount until it contains `fragment`; returns the last text.
+@discardableResult
+func waitForJob(_ mountpoint: String, containing fragment: String, timeout: TimeInterval = 30) -> String {
+    let deadline = Date().addingTimeInterval(timeout)
+    var text = ""
+    repeat {
+        text = (try? String(contentsOfFile: mountpoint + "/.status/job.json", encoding: .utf8)) ?? ""
+        if text.contains(fragment) { break }
+        usleep(50_000)
+    } while Date() < deadline
+    return text
+}
