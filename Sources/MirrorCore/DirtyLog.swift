@@ -58,6 +58,9 @@ public final class DirtyLog: @unchecked Sendable {
     private var flushing = false
     private var touchedRecent: [UInt64]
     private var touchedOld: [UInt64]
+    /// Writes between `mark` and `finished` per region: such a region is never cleared,
+    /// however long the write takes.
+    private var writesInFlight: [Int32]
 
     private var bitmapBytes: Int { wanted.count * 8 }
 
@@ -111,6 +114,7 @@ public final class DirtyLog: @unchecked Sendable {
         durable = wanted
         touchedRecent = [UInt64](repeating: 0, count: words)
         touchedOld = touchedRecent
+        writesInFlight = [Int32](repeating: 0, count: regionCount)
         header = [UInt8](repeating: 0, count: Self.headerSize)
         header.replaceSubrange(0..<Self.magic.count, with: Self.magic)
         header.store(Self.version, at: 24)
@@ -140,22 +144,46 @@ public final class DirtyLog: @unchecked Sendable {
 
     // MARK: - Write path
 
-    /// Makes the bits of the regions under [offset, offset+length) durable. Regions already
-    /// durable cost nothing; concurrent callers share one write and one fdatasync.
+    private func regions(_ offset: UInt64, _ length: UInt64) -> ClosedRange<Int> {
+        Int(offset / Self.regionSize)...Int((offset + length - 1) / Self.regionSize)
+    }
+
+    /// Makes the bits of the regions under [offset, offset+length) durable, and counts a
+    /// write in flight there until `finished`. Regions already durable cost nothing;
+    /// concurrent callers share one write and one fdatasync. On error nothing stays counted.
     public func mark(offset: UInt64, length: UInt64) throws(Errno) {
         guard length > 0 else { return }
-        let regions = Int(offset / Self.regionSize)...Int((offset + length - 1) / Self.regionSize)
+        let regions = regions(offset, length)
         try lock.withLock { () throws(Errno) in
-            for r in regions { set(&touchedRecent, r) }
-            if regions.allSatisfy({ isSet(durable, $0) }) { return }
-            for r in regions where !isSet(wanted, r) {
-                set(&wanted, r)
-                dirtyPages.insert(r / 8 / 4096)
+            for r in regions {
+                set(&touchedRecent, r)
+                writesInFlight[r] += 1
             }
-            while !regions.allSatisfy({ isSet(durable, $0) }) {
-                if flushing { lock.wait(); continue }
-                try flushLocked()
+            do throws(Errno) {
+                try makeDurable(regions)
+            } catch {
+                for r in regions { writesInFlight[r] -= 1 }
+                throw error
             }
+        }
+    }
+
+    /// The write `mark` announced has ended (successfully or not).
+    public func finished(offset: UInt64, length: UInt64) {
+        guard length > 0 else { return }
+        lock.withLock { for r in regions(offset, length) { writesInFlight[r] -= 1 } }
+    }
+
+    /// Lock held.
+    private func makeDurable(_ regions: ClosedRange<Int>) throws(Errno) {
+        if regions.allSatisfy({ isSet(durable, $0) }) { return }
+        for r in regions where !isSet(wanted, r) {
+            set(&wanted, r)
+            dirtyPages.insert(r / 8 / 4096)
+        }
+        while !regions.allSatisfy({ isSet(durable, $0) }) {
+            if flushing { lock.wait(); continue }
+            try flushLocked()
         }
     }
 
@@ -195,7 +223,8 @@ public final class DirtyLog: @unchecked Sendable {
     public func sweepCandidates() -> [Int] {
         lock.withLock {
             var candidates: [Int] = []
-            for r in 0..<regionCount where isSet(wanted, r) && !isSet(touchedRecent, r) && !isSet(touchedOld, r) {
+            for r in 0..<regionCount where isSet(wanted, r) && !isSet(touchedRecent, r) && !isSet(touchedOld, r)
+                && writesInFlight[r] == 0 {
                 candidates.append(r)
             }
             touchedOld = touchedRecent
@@ -208,7 +237,7 @@ public final class DirtyLog: @unchecked Sendable {
     /// page is written without a sync: a bit that stays set on disk only costs a resync.
     public func clear(_ regions: [Int]) {
         lock.withLock {
-            for r in regions where !isSet(touchedRecent, r) {
+            for r in regions where !isSet(touchedRecent, r) && writesInFlight[r] == 0 {
                 unset(&wanted, r)
                 unset(&durable, r)
                 dirtyPages.insert(r / 8 / 4096)

@@ -120,6 +120,7 @@ extension MirrorJob {
         }
 
         // active_write_settle
+        log?.finished(offset: offset, length: length)
         lock.withLock {
             if copied {
                 if case .success = sourceResult, head < tail {

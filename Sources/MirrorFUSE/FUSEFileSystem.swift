@@ -31,6 +31,9 @@ public final class FUSEFileSystem: Sendable {
     /// `mirrorfs job|status MOUNTPOINT` find it from the mount alone.
     let controlSocket: String?
     public static let controlSocketAttribute = "user.mirrorfs.qmp"
+    /// Whether O_DIRECT opens of the image get O_DIRECT on the source (QEMU's
+    /// cache.direct=on) or are served through the source's page cache.
+    let passDirect: Bool
     /// Called once the kernel's INIT has been answered for: the mount is usable.
     let onReady: @Sendable () -> Void
 
@@ -50,7 +53,9 @@ public final class FUSEFileSystem: Sendable {
     public static let maxWrite = 1 << 20
 
     public init(filter: MirrorFilter, imageName: String, uid: uid_t, gid: gid_t, permissions: mode_t,
-                readBuffers: AlignedBufferPool, controlSocket: String?, onReady: @escaping @Sendable () -> Void) {
+                readBuffers: AlignedBufferPool, controlSocket: String?, passDirect: Bool = true,
+                onReady: @escaping @Sendable () -> Void) {
+        self.passDirect = passDirect
         self.controlSocket = controlSocket
         self.filter = filter
         self.imageName = imageName

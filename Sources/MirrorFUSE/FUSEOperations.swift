@@ -132,7 +132,8 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
             if writing && fs.filter.isReadOnly { return replyError(req, .readOnlyFileSystem) }
             // The image's size is fixed: O_TRUNC would discard it.
             if fi.pointee.flags & O_TRUNC != 0 { return replyError(req, .notPermitted) }
-            let handle = fi.pointee.flags & CLINUX_O_DIRECT != 0 ? ImageHandle.direct : ImageHandle.cached
+            let direct = fs.passDirect && fi.pointee.flags & CLINUX_O_DIRECT != 0
+            let handle = direct ? ImageHandle.direct : ImageHandle.cached
             // direct_io: every read and write reaches the daemon (SPEC 7); parallel direct
             // writes: the kernel would otherwise serialise writes to the one inode.
             _ = cfuse_reply_open_flags(req, handle, UInt32(CFUSE_FOPEN_DIRECT_IO | CFUSE_FOPEN_PARALLEL_DIRECT_WRITES))

@@ -22,6 +22,8 @@ extension Mirrorfs {
         @OptionGroup var job: JobOptions
         @Option(help: "The QMP control socket (default: next to the log, named after the mountpoint).")
         var qmp: String?
+        @Option(help: "How O_DIRECT opens of the image reach the source: passthrough (O_DIRECT there too, as QEMU's cache.direct=on) or cached (through the source's page cache).")
+        var odirect: DirectPolicy = .passthrough
         @Flag(help: "Serve the image read-only.") var readOnly = false
         @Flag(help: "Let other users reach the mount (their access still follows the image's mode).")
         var allowOther = false
@@ -96,6 +98,7 @@ extension Mirrorfs {
             let fileSystem = FUSEFileSystem(
                 filter: filter, imageName: image.name, uid: image.uid, gid: image.gid,
                 permissions: image.permissions, readBuffers: pool, controlSocket: socketPath,
+                passDirect: odirect == .passthrough,
                 onReady: {
                     Log.info("serving \(image.path) as \(mountpoint)/\(image.name)")
                     ready?.report(success: ())
@@ -110,6 +113,10 @@ extension Mirrorfs {
             Log.info("unmounted \(mountpoint)")
         }
     }
+}
+
+enum DirectPolicy: String, ExpressibleByArgument, CaseIterable {
+    case passthrough, cached
 }
 
 /// SOURCE, checked before anything is mounted (SPEC section 6).

@@ -31,17 +31,20 @@ final class DirtyLogTests: XCTestCase {
         let log = try DirtyLog.create(path: logPath, identity: identity, allDirty: false)
         let region = DirtyLog.regionSize
         try log.mark(offset: 100, length: 10)                   // region 0
+        log.finished(offset: 100, length: 10)
         try log.mark(offset: 3 * region - 1, length: 2)         // regions 2 and 3
-        XCTAssertEqual(log.loggedRegions, 3)
+        log.finished(offset: 3 * region - 1, length: 2)
+        try log.mark(offset: 5 * region, length: 1)             // region 5: a write still running
+        XCTAssertEqual(log.loggedRegions, 4)
         // Untouched through two whole sweep intervals: candidates. Region 2 is written meanwhile.
         XCTAssertEqual(log.sweepCandidates(), [], "just written")
         XCTAssertEqual(log.sweepCandidates(), [], "written in the previous interval")
         let candidates = log.sweepCandidates()
-        XCTAssertEqual(candidates, [0, 2, 3])
+        XCTAssertEqual(candidates, [0, 2, 3], "region 5 has a write in flight, however old")
         try log.mark(offset: 2 * region, length: 1)
         log.clear(candidates)
         let reopened = try DirtyLog.resume(path: logPath, identity: identity)
-        XCTAssertEqual(reopened.loggedRanges(imageSize: 8 * region).map(\.offset), [2 * region])
+        XCTAssertEqual(reopened.loggedRanges(imageSize: 8 * region).map(\.offset), [2 * region, 5 * region])
     }
 
     func testBadLogsAreEachRejected() throws {

@@ -27,6 +27,18 @@ final class ImageIOTests: XCTestCase {
         XCTAssertEqual(mount.stop(), 0)
     }
 
+    func testODirectClientsServedThroughThePageCacheWithOdirectCached() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 16 << 20)
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--odirect", "cached"])
+        try check("qemu-io", ["-f", "raw", "-t", "none", "-c", "write -P 0x4d 1M 1M", "-c", "read -P 0x4d 1M 1M", mount.image])
+        try check("qemu-io", ["-f", "raw", "-r", "-c", "read -P 0x4d 1M 1M", source])
+        XCTAssertEqual(mount.stop(), 0)
+        let bad = try execute(mirrorfsBinary, ["mount", source, scratch.file("mnt"), "--odirect", "sometimes"])
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertEqual(bad.stderr.split(separator: "\n").count, 1, bad.stderr)
+    }
+
     func testFioVerifiesFourWritersDirectAndBuffered() throws {
         let scratch = try Scratch()
         let source = try scratch.image("disk.raw", size: 128 << 20)
