@@ -1,8 +1,8 @@
 import Foundation
 
-/// BlockJobInfo for a mirror job, as query-block-jobs returns it (QAPI names via CodingKeys).
-/// `.status/job.json` and QMP share this one type.
-public struct BlockJobInfo: Codable, Sendable, Equatable {
+/// BlockJobInfo for a mirror job, as query-block-jobs returns it. `.status/job.json` and QMP
+/// share this one type and its one wire form, `jsonValue` (QAPI names, QEMU's member order).
+public struct BlockJobInfo: Sendable, Equatable {
     public var type = "mirror"
     public var device: String
     public var len: UInt64
@@ -22,18 +22,6 @@ public struct BlockJobInfo: Codable, Sendable, Equatable {
     public var dirtyBytes: UInt64
     public var resyncBytes: UInt64?
 
-    enum CodingKeys: String, CodingKey {
-        case type, device, len, offset, busy, paused, speed
-        case ioStatus = "io-status"
-        case ready, status
-        case autoFinalize = "auto-finalize"
-        case autoDismiss = "auto-dismiss"
-        case error
-        case activelySynced = "actively-synced"
-        case copyMode = "copy-mode"
-        case dirtyBytes = "dirty-bytes"
-        case resyncBytes = "resync-bytes"
-    }
 }
 
 extension BlockJobInfo {
@@ -68,7 +56,7 @@ extension JobInfo {
 }
 
 /// JobInfo, as query-jobs returns it.
-public struct JobInfo: Codable, Sendable, Equatable {
+public struct JobInfo: Sendable, Equatable {
     public var id: String
     public var type = "mirror"
     public var status: JobStatus
@@ -76,12 +64,6 @@ public struct JobInfo: Codable, Sendable, Equatable {
     public var totalProgress: UInt64
     public var error: String?
 
-    enum CodingKeys: String, CodingKey {
-        case id, type, status
-        case currentProgress = "current-progress"
-        case totalProgress = "total-progress"
-        case error
-    }
 }
 
 /// A QMP event: `{"event": NAME, "data": {...}, "timestamp": {"seconds": S, "microseconds": US}}`.

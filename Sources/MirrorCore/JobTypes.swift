@@ -1,33 +1,33 @@
 /// QAPI enums of a mirror job, with QEMU's wire names.
 
 /// MirrorCopyMode.
-public enum CopyMode: String, Sendable, Codable, CaseIterable {
+public enum CopyMode: String, Sendable, CaseIterable {
     case background
     case writeBlocking = "write-blocking"
 }
 
 /// MirrorSyncMode (the subset a raw image without backing file supports).
-public enum SyncMode: String, Sendable, Codable, CaseIterable {
+public enum SyncMode: String, Sendable, CaseIterable {
     case full
     case none
 }
 
 /// BlockdevOnError (the actions a mirror honours).
-public enum ErrorPolicy: String, Sendable, Codable, CaseIterable {
+public enum ErrorPolicy: String, Sendable, CaseIterable {
     case report
     case ignore
     case stop
 }
 
 /// BlockDeviceIoStatus.
-public enum IOStatus: String, Sendable, Codable {
+public enum IOStatus: String, Sendable {
     case ok
     case failed
     case nospace
 }
 
 /// JobStatus. `undefined` is never visible.
-public enum JobStatus: String, Sendable, Codable, CaseIterable {
+public enum JobStatus: String, Sendable, CaseIterable {
     case undefined, created, running, paused, ready, standby, waiting, pending, aborting, concluded
     case null
 

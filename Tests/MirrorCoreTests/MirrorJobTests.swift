@@ -62,26 +62,8 @@ final class MirrorJobTests: XCTestCase {
             options.targetIsZero = true
             let job = try filter.startMirror(to: target, options: options)
 
-            let stop = Atomic<Bool>(false)
-            let writers = DispatchGroup()
-            for w in 0..<6 {
-                writers.enter()
-                Thread {
-                    var rng = SeededGenerator(seed: seed * 100 + UInt64(w))
-                    while !stop.load(ordering: .relaxed) {
-                        let length = Int.random(in: 1...70_000, using: &rng)
-                        let offset = UInt64.random(in: 0..<(size - UInt64(length)), using: &rng)
-                        let value = UInt8.random(in: 0...255, using: &rng)
-                        let data = [UInt8](repeating: value, count: length)
-                        switch Int.random(in: 0..<10, using: &rng) {
-                        case 0: try? filter.changeAllocation(.punchHole, at: offset, length: UInt64(length), keepSize: true)
-                        case 1: try? filter.changeAllocation(.zeroRange, at: offset, length: UInt64(length), keepSize: true)
-                        default: _ = try? data.withUnsafeBytes { try filter.write($0, at: offset, cache: .cached) }
-                        }
-                    }
-                    writers.leave()
-                }.start()
-            }
+            let writers = RandomWriters(filter: filter, size: size, count: 6, seed: seed * 100,
+                                        maxLength: 70_000, allocationChanges: true)
             usleep(100_000)
             try job.change(copyMode: .writeBlocking)
             recorder.wait(for: "BLOCK_JOB_READY")
@@ -89,8 +71,7 @@ final class MirrorJobTests: XCTestCase {
             let deadline = Date().addingTimeInterval(20)
             while !job.activelySynced && Date() < deadline { usleep(1000) }
             XCTAssertTrue(job.activelySynced, "seed \(seed): actively-synced never turned true")
-            stop.store(true, ordering: .relaxed)
-            writers.wait()
+            writers.stop()
             try job.complete()
             recorder.wait(for: "JSC null")
             XCTAssertTrue(filter.device === target, "after complete the image is served from the target")
@@ -115,29 +96,14 @@ final class MirrorJobTests: XCTestCase {
             options.copyMode = .writeBlocking
             options.targetIsZero = true
             let job = try filter.startMirror(to: target, options: options)
-            let stop = Atomic<Bool>(false)
-            let writers = DispatchGroup()
-            for w in 0..<4 {
-                writers.enter()
-                Thread {
-                    var rng = SeededGenerator(seed: seed * 31 + UInt64(w))
-                    while !stop.load(ordering: .relaxed) {
-                        let length = Int.random(in: 1...50_000, using: &rng)
-                        let offset = UInt64.random(in: 0..<(size - UInt64(length)), using: &rng)
-                        let data = [UInt8](repeating: UInt8.random(in: 0...255, using: &rng), count: length)
-                        _ = try? data.withUnsafeBytes { try filter.write($0, at: offset, cache: .cached) }
-                    }
-                    writers.leave()
-                }.start()
-            }
+            let writers = RandomWriters(filter: filter, size: size, count: 4, seed: seed * 31, maxLength: 50_000)
             recorder.wait(for: "BLOCK_JOB_READY")
             try job.complete()
             recorder.wait(for: "JSC null")
             let sourceAtEnd = source.contents
             let targetAtEnd = target.contents
             usleep(100_000)
-            stop.store(true, ordering: .relaxed)
-            writers.wait()
+            writers.stop()
             XCTAssertEqual(source.contents, sourceAtEnd, "seed \(seed): the source changed after the pivot")
             XCTAssertNotEqual(target.contents, targetAtEnd, "seed \(seed): writes after the pivot reach the target")
             var readBack = [UInt8](repeating: 0, count: Int(size))
@@ -254,6 +220,38 @@ final class MirrorJobTests: XCTestCase {
         recorder.wait(for: "JSC null")
         let completed = recorder.all.first { $0.name == "BLOCK_JOB_COMPLETED" }
         XCTAssertEqual(completed?.data["error"], .string("Source and target image have different sizes"))
+    }
+}
+
+/// Threads writing random ranges (unaligned, and with `allocationChanges` also punching
+/// holes and zeroing) through a filter until stopped; each thread has its own seed.
+final class RandomWriters: Sendable {
+    private let running = Atomic<Bool>(true)
+    private let group = DispatchGroup()
+
+    init(filter: MirrorFilter, size: UInt64, count: Int, seed: UInt64, maxLength: Int, allocationChanges: Bool = false) {
+        for w in 0..<count {
+            group.enter()
+            Thread { [self] in
+                var rng = SeededGenerator(seed: seed + UInt64(w))
+                while running.load(ordering: .relaxed) {
+                    let length = Int.random(in: 1...maxLength, using: &rng)
+                    let offset = UInt64.random(in: 0..<(size - UInt64(length)), using: &rng)
+                    let data = [UInt8](repeating: UInt8.random(in: 0...255, using: &rng), count: length)
+                    switch allocationChanges ? Int.random(in: 0..<10, using: &rng) : 9 {
+                    case 0: try? filter.changeAllocation(.punchHole, at: offset, length: UInt64(length), keepSize: true)
+                    case 1: try? filter.changeAllocation(.zeroRange, at: offset, length: UInt64(length), keepSize: true)
+                    default: _ = try? data.withUnsafeBytes { try filter.write($0, at: offset, cache: .cached) }
+                    }
+                }
+                group.leave()
+            }.start()
+        }
+    }
+
+    func stop() {
+        running.store(false, ordering: .relaxed)
+        group.wait()
     }
 }
 
