@@ -31,15 +31,27 @@ let package = Package(
             name: "MirrorFUSE",
             dependencies: ["CFuse", "CLinux", "MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
         ),
+        // libnbd, the NBD protocol's client library; shim.h adapts its macros for Swift.
+        .systemLibrary(
+            name: "CNBD",
+            path: "Sources/CNBD",
+            pkgConfig: "libnbd",
+            providers: [.apt(["libnbd-dev"])]
+        ),
+        // NBD exports as block devices: one I/O thread per connection, deadlines, reconnects.
+        .target(
+            name: "MirrorNBD",
+            dependencies: ["CNBD", "MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         // QEMU's Machine Protocol on a unix socket: framing, command table → job verbs.
         .target(
             name: "MirrorQMP",
-            dependencies: ["MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["MirrorCore", "MirrorNBD", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .executableTarget(
             name: "mirrorfs",
             dependencies: [
-                "CLinux", "MirrorCore", "MirrorFUSE", "MirrorQMP",
+                "CLinux", "MirrorCore", "MirrorFUSE", "MirrorNBD", "MirrorQMP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]

@@ -34,4 +34,19 @@ public protocol BlockDevice: AnyObject, Sendable {
     func seek(_ target: SeekTarget, from offset: UInt64) throws(Errno) -> UInt64
     /// Bytes the device occupies on its storage (st_blocks × 512 for a file).
     func allocatedBytes() throws(Errno) -> UInt64
+    /// What names the device's storage across restarts (a dirty log is bound to it).
+    var identity: DeviceIdentity { get }
+}
+
+/// A file's device and inode; for storage without them, a marker device and a hash.
+public struct DeviceIdentity: Equatable, Sendable {
+    public var device: UInt64
+    public var inode: UInt64
+    /// The device number of NBD exports, whose "inode" is a hash of the URI.
+    public static let nbdDevice: UInt64 = 0x6e62_6400_0000_0000
+
+    public init(device: UInt64, inode: UInt64) {
+        self.device = device
+        self.inode = inode
+    }
 }

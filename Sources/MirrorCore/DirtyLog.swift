@@ -25,9 +25,9 @@ public final class DirtyLog: @unchecked Sendable {
     public struct Identity: Equatable, Sendable {
         public var sourceSize: UInt64, sourceDevice: UInt64, sourceInode: UInt64
         public var targetSize: UInt64, targetDevice: UInt64, targetInode: UInt64
-        public init(source: FileBlockDevice, target: FileBlockDevice) {
-            sourceSize = source.size; sourceDevice = source.device; sourceInode = source.inode
-            targetSize = target.size; targetDevice = target.device; targetInode = target.inode
+        public init(source: any BlockDevice, target: any BlockDevice) {
+            sourceSize = source.size; sourceDevice = source.identity.device; sourceInode = source.identity.inode
+            targetSize = target.size; targetDevice = target.identity.device; targetInode = target.identity.inode
         }
     }
 

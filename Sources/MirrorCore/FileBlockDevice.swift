@@ -12,6 +12,7 @@ public final class FileBlockDevice: BlockDevice {
     /// Device and inode of the open file: the identity used to tell two paths apart.
     public let device: UInt64
     public let inode: UInt64
+    public var identity: DeviceIdentity { DeviceIdentity(device: device, inode: inode) }
     private let cachedFD: CInt
     private let directFD: CInt?
     /// Offset and length alignment the CLINUX_O_DIRECT descriptor needs.

@@ -55,6 +55,7 @@ extension MirrorJob {
             if state.detached { return nil }
             state.filterWrites += 1
             let copied = state.error == nil && !state.forceCancelled && copyMode == .writeBlocking
+                && targetUsable
             let chunks = state.dirty.chunks(covering: offset, length: length)
             if copied {
                 // An active write waits for its whole range: fresh data must reach the
@@ -141,10 +142,17 @@ extension MirrorJob {
         return .done
     }
 
+    /// Whether writes should try the target now: not while the job is stopped by a target
+    /// error or backing off after an ignored one, so that a dead target holds no user
+    /// write more than once; those writes are tracked dirty instead. Lock held.
+    var targetUsable: Bool {
+        state.ioStatus == .ok && monotonicNow() >= state.retryAt
+    }
+
     /// An fsync through the mount: in write-blocking mode the target is flushed too
     /// (SPEC 4); a target failure goes to the error policy, never to the user.
     public func flushTargetForUser() {
-        guard copyMode == .writeBlocking else { return }
+        guard copyMode == .writeBlocking, lock.withLock({ targetUsable }) else { return }
         if case .failure(let error) = Result(catching: { () throws(Errno) in try target.flush(dataOnly: true) }) {
             lock.withLock { errorAction(isRead: false, error: error) }
         }

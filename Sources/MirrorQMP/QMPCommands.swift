@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import MirrorCore
+import MirrorNBD
 import SystemPackage
 
 /// A QMP error: QEMU's class and text.
@@ -56,6 +57,8 @@ public final class QMPCommands: Sendable {
     private let filter: MirrorFilter
     private let imageName: String
     private let onQuit: @Sendable () -> Void
+    /// The request deadline of NBD targets that drive-mirror opens.
+    private let nbdTimeout: Double
 
     private struct Command {
         let parameters: [Parameter]
@@ -81,8 +84,10 @@ public final class QMPCommands: Sendable {
     }
     private let table: [String: Command]
 
-    public init(filter: MirrorFilter, imageName: String, package: String, onQuit: @escaping @Sendable () -> Void) {
+    public init(filter: MirrorFilter, imageName: String, package: String,
+                nbdTimeout: Double = NBDBlockDevice.defaultTimeout, onQuit: @escaping @Sendable () -> Void) {
         self.filter = filter
+        self.nbdTimeout = nbdTimeout
         self.imageName = imageName
         self.package = package
         self.onQuit = onQuit
@@ -318,7 +323,21 @@ public final class QMPCommands: Sendable {
 
     /// `mode` absolute-paths (default) creates the target sparse with the source's size and
     /// refuses an existing path; `existing` opens what is there.
-    private func openTarget(path: String, existing: Bool) throws(QMPError) -> FileBlockDevice {
+    private func openTarget(path: String, existing: Bool) throws(QMPError) -> any BlockDevice {
+        if NBDBlockDevice.isURI(path) {
+            // An export exists already; like QEMU, the nbd driver cannot create one.
+            guard existing else { throw .generic("Driver 'nbd' does not support image creation") }
+            let device: NBDBlockDevice
+            do {
+                device = try NBDBlockDevice(uri: path, timeout: nbdTimeout)
+            } catch {
+                throw .generic(error.description)
+            }
+            guard device.size == filter.size else {
+                throw .generic("Source and target image have different sizes")
+            }
+            return device
+        }
         let pool = AlignedBufferPool(bufferSize: 1 << 20, retained: 4)
         var st = stat()
         if stat(path, &st) == 0, let source = filter.device as? FileBlockDevice,

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import MirrorCore
+import MirrorNBD
 
 extension Mirrorfs {
     struct Job: ParsableCommand {
@@ -38,9 +39,10 @@ extension Mirrorfs.Job {
             let client = try ControlClient(mountpoint: mountpoint)
             let entries = try FileManager.default.contentsOfDirectory(atPath: mountpoint).filter { $0 != ".status" }
             guard let imageName = entries.first else { throw CLIError("'\(mountpoint)' shows no image") }
+            let isNBD = NBDBlockDevice.isURI(target)
             var st = stat()
-            let exists = stat(target, &st) == 0
-            if exists {
+            let exists = isNBD || stat(target, &st) == 0
+            if exists && !isNBD {
                 var image = stat()
                 stat(mountpoint + "/" + imageName, &image)
                 guard st.st_size == image.st_size else {
@@ -48,7 +50,7 @@ extension Mirrorfs.Job {
                 }
             }
             let options = try job.mirrorOptions(defaultJobID: imageName, targetIsZero: !exists)
-            let absolute = URL(fileURLWithPath: target).standardizedFileURL.path
+            let absolute = isNBD ? target : URL(fileURLWithPath: target).standardizedFileURL.path
             var arguments: [(String, JSONValue)] = [
                 ("device", .string(imageName)), ("target", .string(absolute)), ("format", "raw"),
                 ("sync", .string(options.sync.rawValue)), ("mode", exists ? "existing" : "absolute-paths"),

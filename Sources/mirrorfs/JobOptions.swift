@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import MirrorCore
+import MirrorNBD
 
 /// A byte count: plain bytes or with a K, M or G suffix (powers of 1024).
 struct ByteCount: ExpressibleByArgument, Equatable {
@@ -25,7 +26,7 @@ extension ErrorPolicy: ExpressibleByArgument {}
 
 /// The options of a mirror job, shared by `mount` and `job start`.
 struct JobOptions: ParsableArguments {
-    @Option(help: "Image to mirror to: created sparse with the source's size if missing, reused if it has that size.")
+    @Option(help: "Image to mirror to: a file (created sparse with the source's size if missing, reused if it has that size), nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH (an export of the source's size).")
     var target: String?
     @Option(help: "background, or write-blocking: writes reach the target before they are acknowledged.")
     var copyMode: CopyMode?
@@ -73,17 +74,24 @@ struct JobOptions: ParsableArguments {
 }
 
 extension JobOptions {
-    /// Where the dirty log of a mirror to `target` lives; nil with `--state-dir none`.
-    func dirtyLogPath(target: String) throws -> String? {
+    /// Where the dirty log of a mirror to `target` lives; nil with `--state-dir none`. By
+    /// default next to a file target, and next to the source for an NBD export.
+    func dirtyLogPath(target: String, source: ImageSource) throws -> String? {
         if stateDir == "none" { return nil }
+        let isNBD = NBDBlockDevice.isURI(target)
         let targetURL = URL(fileURLWithPath: target)
-        let directory = stateDir ?? targetURL.deletingLastPathComponent().path
+        let directory = stateDir ?? (isNBD ? URL(fileURLWithPath: source.path) : targetURL).deletingLastPathComponent().path
         var st = stat()
         guard stat(directory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
             throw CLIError("state directory '\(directory)' is not a directory")
         }
         guard access(directory, W_OK) == 0 else {
             throw CLIError("state directory '\(directory)' is not writable: \(String(cString: strerror(errno)))")
+        }
+        if isNBD {
+            var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+            for byte in target.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+            return directory + "/" + source.name + ".nbd-" + String(hash, radix: 16) + ".dirtylog"
         }
         return directory + "/" + targetURL.lastPathComponent + ".dirtylog"
     }

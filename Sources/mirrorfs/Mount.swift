@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import MirrorCore
 import MirrorFUSE
+import MirrorNBD
 import MirrorQMP
 import SystemPackage
 
@@ -22,6 +23,8 @@ extension Mirrorfs {
         @OptionGroup var job: JobOptions
         @Option(help: "The QMP control socket (default: next to the log, named after the mountpoint).")
         var qmp: String?
+        @Option(help: "Seconds an NBD target may take to answer one request (or to connect) before it counts as failed.")
+        var nbdTimeout: Double = NBDBlockDevice.defaultTimeout
         @Option(help: "How O_DIRECT opens of the image reach the source: passthrough (O_DIRECT there too, as QEMU's cache.direct=on) or cached (through the source's page cache).")
         var odirect: DirectPolicy = .passthrough
         @Flag(help: "Serve the image read-only.") var readOnly = false
@@ -40,8 +43,11 @@ extension Mirrorfs {
             if job.target != nil && readOnly {
                 throw CLIError("--read-only cannot be mirrored: a mirror needs a writable source")
             }
-            let mirrorTarget = try job.target.map { try TargetImage.validate(path: $0, source: image) }
-            let logPath = try job.target.flatMap { try job.dirtyLogPath(target: $0) }
+            guard nbdTimeout > 0 && nbdTimeout <= 3600 else {
+                throw CLIError("--nbd-timeout must be more than 0 and at most 3600 seconds")
+            }
+            let mirrorTarget = try job.target.map { try MirrorTarget.validate($0, source: image, timeout: nbdTimeout) }
+            let logPath = try job.target.flatMap { try job.dirtyLogPath(target: $0, source: image) }
             let mirrorOptions = try mirrorTarget.map {
                 try job.mirrorOptions(defaultJobID: image.name, targetIsZero: !$0.exists)
             }
@@ -62,7 +68,7 @@ extension Mirrorfs {
             }
         }
 
-        private func serve(image: ImageSource, mountpoint: String, mirror: (TargetImage, MirrorOptions)?,
+        private func serve(image: ImageSource, mountpoint: String, mirror: (MirrorTarget, MirrorOptions)?,
                            logPath: String?, socketPath: String, ready: ReadyPipe?) throws {
             let pool = AlignedBufferPool(bufferSize: FUSEFileSystem.maxWrite)
             let device: FileBlockDevice
@@ -85,7 +91,7 @@ extension Mirrorfs {
                 }
             }
             let commands = QMPCommands(filter: filter, imageName: image.name,
-                                       package: "mirrorfs \(Mirrorfs.configuration.version)",
+                                       package: "mirrorfs \(Mirrorfs.configuration.version)", nbdTimeout: nbdTimeout,
                                        onQuit: { kill(getpid(), SIGTERM) })
             let server: QMPServer
             do {
@@ -155,7 +161,7 @@ struct ImageSource {
 
 /// Finds, checks and resumes the dirty log of a mirror, or starts a new one.
 enum DirtyLogSetup {
-    static func open(path: String, source: FileBlockDevice, target: FileBlockDevice, targetExisted: Bool,
+    static func open(path: String, source: FileBlockDevice, target: any BlockDevice, targetExisted: Bool,
                      options: inout MirrorOptions) throws -> DirtyLog {
         let identity = DirtyLog.Identity(source: source, target: target)
         if targetExisted {
@@ -180,7 +186,44 @@ enum DirtyLogSetup {
     }
 }
 
-/// The mirror target of `mount --target`, checked before anything is mounted or created.
+/// The mirror target of `mount --target`: a file or an NBD export.
+enum MirrorTarget {
+    case file(TargetImage)
+    case nbd(NBDBlockDevice)
+
+    /// Checks the target before anything is mounted or created; an NBD export is
+    /// connected to (within `timeout`) and must have the source's size.
+    static func validate(_ target: String, source: ImageSource, timeout: Double) throws -> MirrorTarget {
+        guard NBDBlockDevice.isURI(target) else { return .file(try TargetImage.validate(path: target, source: source)) }
+        let device: NBDBlockDevice
+        do {
+            device = try NBDBlockDevice(uri: target, timeout: timeout)
+        } catch {
+            throw CLIError(error.description)
+        }
+        guard device.size == source.size else {
+            throw CLIError("NBD export '\(target)' has \(device.size) bytes but the source has \(source.size)")
+        }
+        return .nbd(device)
+    }
+
+    /// Whether the target held data before (an NBD export always may).
+    var exists: Bool {
+        switch self {
+        case .file(let image): image.exists
+        case .nbd: true
+        }
+    }
+
+    func open(size: UInt64, pool: AlignedBufferPool) throws -> any BlockDevice {
+        switch self {
+        case .file(let image): try image.open(size: size, pool: pool)
+        case .nbd(let device): device
+        }
+    }
+}
+
+/// A file target of `mount --target`, checked before anything is mounted or created.
 struct TargetImage {
     let path: String
     let exists: Bool

@@ -98,6 +98,9 @@ final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
         throw Errno.noSuchAddressOrDevice
     }
 
+    /// Each in-memory device is its own storage.
+    var identity: DeviceIdentity { DeviceIdentity(device: 0, inode: UInt64(UInt(bitPattern: ObjectIdentifier(self).hashValue))) }
+
     func allocatedBytes() throws(Errno) -> UInt64 {
         lock.withLock { UInt64(allocated.filter { $0 }.count) * Self.block }
     }

@@ -1,0 +1,324 @@
+import CNBD
+import Foundation
+import MirrorCore
+import SystemPackage
+
+/// One NBD connection, owned by one I/O thread: callers queue requests and block on
+/// their own semaphore; the thread issues up to `maxInFlight` of them with libnbd's aio
+/// API, polls the socket and an eventfd, retires completions and enforces deadlines.
+/// libnbd 1.14 has no timeout of its own, so a request past its deadline abandons the
+/// connection (a hung server) and TCP_USER_TIMEOUT makes a cut link fail as fast. A dead
+/// handle cannot be revived: the next request after `retryInterval` opens a new one;
+/// requests before that fail at once, so a dead target never holds a writer twice.
+final class NBDConnection: @unchecked Sendable {
+    static let maxInFlight = 16
+    /// The least time between two connection attempts.
+    static let retryInterval: Double = 1
+
+    final class Request {
+        enum Kind {
+            case read(UnsafeMutableRawPointer, count: Int, offset: UInt64)
+            case write(UnsafeRawPointer, count: Int, offset: UInt64)
+            case zero(count: UInt64, offset: UInt64, flags: UInt32)
+            case flush
+            case blockStatus(count: UInt64, offset: UInt64, context: UnsafeMutablePointer<UnsafeMutableRawPointer?>)
+        }
+        let kind: Kind
+        let deadline: Double
+        /// Set by the I/O thread before `done` is signalled.
+        var failure: Errno?
+        let done = DispatchSemaphore(value: 0)
+
+        init(kind: Kind, deadline: Double) {
+            self.kind = kind
+            self.deadline = deadline
+        }
+    }
+
+    let uri: String
+    let size: UInt64
+    let timeout: Double
+
+    /// Guards `submitted` and `closing`.
+    private let lock = ConditionLock()
+    private var submitted: [Request] = []
+    private var closing = false
+    private let wakeFD: Int32
+
+    // Owned by the I/O thread.
+    private var handle: OpaquePointer?
+    private var waiting: [Request] = []
+    private var inFlight: [Int64: Request] = [:]
+    private var lastError: Errno = .socketNotConnected
+    private var retryAfter: Double = 0
+
+    /// Takes over `handle`, a connected one, and starts the I/O thread.
+    init(uri: String, size: UInt64, timeout: Double, handle: OpaquePointer) {
+        self.uri = uri
+        self.size = size
+        self.timeout = timeout
+        self.handle = handle
+        self.wakeFD = cnbd_eventfd()
+        let thread = Thread { [self] in run() }
+        thread.name = "nbd-io"
+        thread.start()
+    }
+
+    /// Queues `kind` and waits for its result (at most about `timeout` seconds).
+    func perform(_ kind: Request.Kind) throws(Errno) {
+        let request = Request(kind: kind, deadline: monotonicSeconds() + timeout)
+        let accepted = lock.withLock {
+            if closing { return false }
+            submitted.append(request)
+            return true
+        }
+        guard accepted else { throw .socketNotConnected }
+        wake()
+        request.done.wait()
+        if let failure = request.failure { throw failure }
+    }
+
+    /// Fails whatever is queued, closes the handle and ends the I/O thread.
+    func shutdown() {
+        lock.withLock { closing = true }
+        wake()
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+    }
+
+    // MARK: - The I/O thread
+
+    private func run() {
+        while true {
+            let (new, stop) = lock.withLock { () -> ([Request], Bool) in
+                defer { submitted.removeAll(keepingCapacity: true) }
+                return (submitted, closing)
+            }
+            waiting.append(contentsOf: new)
+            if stop {
+                dropConnection(.socketNotConnected)
+                for request in waiting { finish(request, .socketNotConnected) }
+                waiting.removeAll()
+                close(wakeFD)
+                return
+            }
+            if handle == nil && !waiting.isEmpty {
+                if monotonicSeconds() >= retryAfter { reconnect() }
+                if handle == nil {
+                    for request in waiting { finish(request, lastError) }
+                    waiting.removeAll()
+                }
+            }
+            issueWaiting()
+            pollOnce()
+            if let handle, nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 {
+                retireCompleted()
+                dropConnection(lastError)
+            }
+            let now = monotonicSeconds()
+            if inFlight.values.contains(where: { $0.deadline <= now }) {
+                dropConnection(.timedOut)
+            }
+            let late = waiting.filter { $0.deadline <= now }
+            if !late.isEmpty {
+                waiting.removeAll { $0.deadline <= now }
+                for request in late { finish(request, .timedOut) }
+            }
+        }
+    }
+
+    private func issueWaiting() {
+        guard let handle else { return }
+        while inFlight.count < Self.maxInFlight, !waiting.isEmpty {
+            let request = waiting.removeFirst()
+            let cookie = issue(request, on: handle)
+            if cookie > 0 {
+                inFlight[cookie] = request
+                continue
+            }
+            let error = currentError()
+            if nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 {
+                waiting.insert(request, at: 0)
+                dropConnection(error)
+                return
+            }
+            finish(request, error)
+        }
+    }
+
+    private func issue(_ request: Request, on handle: OpaquePointer) -> Int64 {
+        let none = cnbd_no_completion()
+        switch request.kind {
+        case .read(let buffer, let count, let offset):
+            return nbd_aio_pread(handle, buffer, count, offset, none, 0)
+        case .write(let buffer, let count, let offset):
+            return nbd_aio_pwrite(handle, buffer, count, offset, none, 0)
+        case .zero(let count, let offset, let flags):
+            return nbd_aio_zero(handle, count, offset, none, flags)
+        case .flush:
+            return nbd_aio_flush(handle, none, 0)
+        case .blockStatus(let count, let offset, let context):
+            return cnbd_aio_block_status(handle, count, offset, context)
+        }
+    }
+
+    /// Waits for the socket, the eventfd or the next deadline, then lets libnbd move.
+    private func pollOnce() {
+        var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
+        var direction: UInt32 = 0
+        if let handle {
+            direction = nbd_aio_get_direction(handle)
+            var events: Int16 = 0
+            if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
+            if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
+            fds.append(pollfd(fd: nbd_aio_get_fd(handle), events: events, revents: 0))
+        }
+        var wait = 1.0
+        let earliest = inFlight.values.map(\.deadline).min() ?? waiting.map(\.deadline).min()
+        if let earliest { wait = min(wait, max(earliest - monotonicSeconds(), 0)) }
+        if !waiting.isEmpty && handle == nil { wait = 0 }
+        let ready = poll(&fds, nfds_t(fds.count), Int32((wait * 1000).rounded(.up)))
+        guard ready > 0 else { return }
+        if fds[0].revents != 0 {
+            var count: UInt64 = 0
+            _ = read(wakeFD, &count, 8)
+        }
+        guard let handle, fds.count == 2 else { return }
+        let revents = fds[1].revents
+        var result: Int32 = 0
+        if revents & Int16(POLLIN | POLLHUP) != 0 {
+            result = nbd_aio_notify_read(handle)
+        } else if revents & Int16(POLLOUT) != 0 {
+            result = nbd_aio_notify_write(handle)
+        } else if revents & Int16(POLLERR | POLLNVAL) != 0 {
+            lastError = .socketNotConnected
+            dropConnection(.socketNotConnected)
+            return
+        }
+        if result == -1 { lastError = currentError() }
+        retireCompleted()
+    }
+
+    private func retireCompleted() {
+        guard let handle else { return }
+        while true {
+            let cookie = nbd_aio_peek_command_completed(handle)
+            guard cookie > 0 else { return }
+            let result = nbd_aio_command_completed(handle, UInt64(cookie))
+            let error: Errno? = result == -1 ? currentError() : nil
+            if let request = inFlight.removeValue(forKey: cookie) { finish(request, error) }
+        }
+    }
+
+    /// Abandons the handle: unsent data is discarded (SO_LINGER 0) so a stale write can
+    /// never reach the server after a newer one; every request in flight fails with `error`.
+    private func dropConnection(_ error: Errno) {
+        lastError = error
+        retryAfter = monotonicSeconds() + Self.retryInterval
+        guard let handle else { return }
+        let fd = nbd_aio_get_fd(handle)
+        if fd >= 0 { _ = cnbd_set_linger_reset(fd) }
+        nbd_close(handle)
+        self.handle = nil
+        for request in inFlight.values { finish(request, error) }
+        inFlight.removeAll()
+    }
+
+    private func reconnect() {
+        do {
+            let fresh = try NBDHandle.connect(uri: uri, timeout: timeout)
+            guard nbd_get_size(fresh) == Int64(size), nbd_is_read_only(fresh) == 0 else {
+                nbd_close(fresh)
+                lastError = .ioError
+                retryAfter = monotonicSeconds() + Self.retryInterval
+                return
+            }
+            handle = fresh
+        } catch {
+            lastError = error.errno
+            retryAfter = monotonicSeconds() + Self.retryInterval
+        }
+    }
+
+    private func finish(_ request: Request, _ error: Errno?) {
+        request.failure = error
+        request.done.signal()
+    }
+
+    private func currentError() -> Errno {
+        let code = nbd_get_errno()
+        return code > 0 ? Errno(rawValue: code) : .ioError
+    }
+}
+
+/// Opening a libnbd handle with a deadline (nbd_connect_uri itself can block for minutes).
+enum NBDHandle {
+    struct Failure: Error {
+        let errno: Errno
+        let message: String
+    }
+
+    static func connect(uri: String, timeout: Double) throws(Failure) -> OpaquePointer {
+        guard let handle = nbd_create() else { throw Failure(errno: .noMemory, message: lastMessage()) }
+        func fail(_ errno: Errno? = nil, _ message: String? = nil) -> Failure {
+            let code = nbd_get_errno()
+            let failure = Failure(errno: errno ?? (code > 0 ? Errno(rawValue: code) : .ioError),
+                                  message: message ?? lastMessage())
+            nbd_close(handle)
+            return failure
+        }
+        _ = nbd_set_uri_allow_transports(handle, UInt32(LIBNBD_ALLOW_TRANSPORT_TCP | LIBNBD_ALLOW_TRANSPORT_UNIX))
+        _ = nbd_set_uri_allow_tls(handle, LIBNBD_TLS_DISABLE)
+        _ = nbd_add_meta_context(handle, LIBNBD_CONTEXT_BASE_ALLOCATION)
+        guard nbd_aio_connect_uri(handle, uri) == 0 else { throw fail() }
+        let deadline = monotonicSeconds() + timeout
+        var timedFD: Int32 = -1
+        while nbd_aio_is_ready(handle) == 0 {
+            if nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 { throw fail() }
+            let fd = nbd_aio_get_fd(handle)
+            if fd >= 0 && fd != timedFD {
+                _ = cnbd_set_tcp_user_timeout(fd, UInt32(timeout * 1000))
+                timedFD = fd
+            }
+            let remaining = deadline - monotonicSeconds()
+            guard remaining > 0 else { throw fail(.timedOut, "no answer within \(formatSeconds(timeout))") }
+            let direction = nbd_aio_get_direction(handle)
+            var events: Int16 = 0
+            if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
+            if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
+            var pfd = pollfd(fd: fd, events: events, revents: 0)
+            let ready = poll(&pfd, 1, Int32(min(remaining, 1) * 1000) + 1)
+            guard ready > 0 else { continue }
+            var result: Int32 = 0
+            if pfd.revents & Int16(POLLIN | POLLHUP) != 0 {
+                result = nbd_aio_notify_read(handle)
+            } else if pfd.revents & Int16(POLLOUT) != 0 {
+                result = nbd_aio_notify_write(handle)
+            } else if pfd.revents & Int16(POLLERR | POLLNVAL) != 0 {
+                throw fail(.connectionRefused, "connection failed")
+            }
+            if result == -1 { throw fail() }
+        }
+        let fd = nbd_aio_get_fd(handle)
+        if fd >= 0 && fd != timedFD { _ = cnbd_set_tcp_user_timeout(fd, UInt32(timeout * 1000)) }
+        return handle
+    }
+
+    static func lastMessage() -> String {
+        guard let text = nbd_get_error() else { return "unknown error" }
+        return String(cString: text)
+    }
+}
+
+func formatSeconds(_ seconds: Double) -> String {
+    seconds == seconds.rounded() ? "\(Int(seconds)) s" : "\(seconds) s"
+}
+
+func monotonicSeconds() -> Double {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+}
