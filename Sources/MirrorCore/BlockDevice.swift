@@ -36,6 +36,13 @@ public protocol BlockDevice: AnyObject, Sendable {
     func allocatedBytes() throws(Errno) -> UInt64
     /// What names the device's storage across restarts (a dirty log is bound to it).
     var identity: DeviceIdentity { get }
+    /// The job resumes after an error: a device that lost its connection tries a new one
+    /// at the next request instead of failing fast until its retry time.
+    func retryNow()
+}
+
+extension BlockDevice {
+    public func retryNow() {}
 }
 
 /// A file's device and inode; for storage without them, a marker device and a hash.

@@ -163,6 +163,7 @@ public final class MirrorJob: @unchecked Sendable {
             state.ioStatus = .ok
             lock.broadcast()
         }
+        target.retryNow()
     }
 
     /// Cancel. Before the job was ready, every cancel is forced; after, a soft cancel

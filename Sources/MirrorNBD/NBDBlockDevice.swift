@@ -55,6 +55,8 @@ public final class NBDBlockDevice: BlockDevice, @unchecked Sendable {
 
     deinit { connection.shutdown() }
 
+    public func retryNow() { connection.retryNow() }
+
     /// NBD exports have no inode: the URI names the storage (for the dirty log's identity).
     public var identity: DeviceIdentity {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325

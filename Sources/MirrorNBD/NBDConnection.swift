@@ -39,10 +39,11 @@ final class NBDConnection: @unchecked Sendable {
     let size: UInt64
     let timeout: Double
 
-    /// Guards `submitted` and `closing`.
+    /// Guards `submitted`, `closing` and `retryRequested`.
     private let lock = ConditionLock()
     private var submitted: [Request] = []
     private var closing = false
+    private var retryRequested = false
     private let wakeFD: Int32
 
     // Owned by the I/O thread.
@@ -78,6 +79,12 @@ final class NBDConnection: @unchecked Sendable {
         if let failure = request.failure { throw failure }
     }
 
+    /// The next request may reconnect at once (the job was resumed).
+    func retryNow() {
+        lock.withLock { retryRequested = true }
+        wake()
+    }
+
     /// Fails whatever is queued, closes the handle and ends the I/O thread.
     func shutdown() {
         lock.withLock { closing = true }
@@ -93,10 +100,11 @@ final class NBDConnection: @unchecked Sendable {
 
     private func run() {
         while true {
-            let (new, stop) = lock.withLock { () -> ([Request], Bool) in
-                defer { submitted.removeAll(keepingCapacity: true) }
-                return (submitted, closing)
+            let (new, stop, retry) = lock.withLock { () -> ([Request], Bool, Bool) in
+                defer { submitted.removeAll(keepingCapacity: true); retryRequested = false }
+                return (submitted, closing, retryRequested)
             }
+            if retry { retryAfter = 0 }
             waiting.append(contentsOf: new)
             if stop {
                 dropConnection(.socketNotConnected)

@@ -5,36 +5,6 @@ import XCTest
 /// The mirror job through a real mount: `mount --target`, clients writing through the
 /// mount, the CLI driving the job, and the target file checked directly.
 final class MirrorMountTests: XCTestCase {
-    /// `.status/job.json` parsed; nil while it holds `null`.
-    func job(_ mount: Mount) -> [String: Any]? {
-        guard let data = FileManager.default.contents(atPath: mount.mountpoint + "/.status/job.json") else { return nil }
-        return (try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed])) as? [String: Any]
-    }
-
-    func events(_ mount: Mount) -> [String] {
-        let text = (try? String(contentsOfFile: mount.mountpoint + "/.status/events.jsonl", encoding: .utf8)) ?? ""
-        return text.split(separator: "\n").map { line in
-            let object = (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any] ?? [:]
-            let name = object["event"] as? String ?? "?"
-            if name == "JOB_STATUS_CHANGE", let data = object["data"] as? [String: Any] { return "JSC \(data["status"] ?? "?")" }
-            return name
-        }
-    }
-
-    @discardableResult
-    func waitUntil(_ what: String, timeout: TimeInterval = 60, file: StaticString = #filePath, line: UInt = #line,
-                   _ condition: () -> Bool) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if condition() { return true }
-            usleep(20_000)
-        }
-        XCTFail("timed out waiting for \(what)", file: file, line: line)
-        return false
-    }
-
-    func allocatedBytes(_ path: String) throws -> Int64 { Int64(try fileStatus(path).st_blocks) * 512 }
-
     func testBackgroundMirrorOfAHalfSparseGigabyteReachesReadyIdenticalAndSparse() throws {
         let scratch = try Scratch()
         // Random data in every other MiB, holes between.

@@ -129,7 +129,9 @@ final class Mount {
         while !(isMounted(mountpoint) && FileManager.default.fileExists(atPath: image)) {
             guard process.isRunning, Date() < deadline else {
                 process.terminate()
-                throw NSError(domain: "test", code: 1, userInfo: [NSLocalizedDescriptionKey: "mount did not come up"])
+                process.waitUntilExit()
+                let output = String(decoding: stderrPipe.fileHandleForReading.availableData, as: UTF8.self)
+                throw NSError(domain: "test", code: 1, userInfo: [NSLocalizedDescriptionKey: "mount did not come up: \(output)"])
             }
             usleep(20_000)
         }
@@ -191,4 +193,37 @@ func waitForJob(_ mountpoint: String, containing fragment: String, timeout: Time
         usleep(50_000)
     } while Date() < deadline
     return text
+}
+
+/// Reading a mount's job state, shared by the mirror tests.
+extension XCTestCase {
+    /// `.status/job.json` parsed; nil while it holds `null`.
+    func job(_ mount: Mount) -> [String: Any]? {
+        guard let data = FileManager.default.contents(atPath: mount.mountpoint + "/.status/job.json") else { return nil }
+        return (try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed])) as? [String: Any]
+    }
+
+    func events(_ mount: Mount) -> [String] {
+        let text = (try? String(contentsOfFile: mount.mountpoint + "/.status/events.jsonl", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").map { line in
+            let object = (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any] ?? [:]
+            let name = object["event"] as? String ?? "?"
+            if name == "JOB_STATUS_CHANGE", let data = object["data"] as? [String: Any] { return "JSC \(data["status"] ?? "?")" }
+            return name
+        }
+    }
+
+    @discardableResult
+    func waitUntil(_ what: String, timeout: TimeInterval = 60, file: StaticString = #filePath, line: UInt = #line,
+                   _ condition: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if condition() { return true }
+            usleep(20_000)
+        }
+        XCTFail("timed out waiting for \(what)", file: file, line: line)
+        return false
+    }
+
+    func allocatedBytes(_ path: String) throws -> Int64 { Int64(try fileStatus(path).st_blocks) * 512 }
 }
