@@ -14,7 +14,9 @@ final class NBDTestHost {
     let subnet: String
     let rootAddress: String
     let address: String
-    private var pidFiles: [String] = []
+    /// Read when each server is up: the pid files go with the test's scratch directory,
+    /// which is gone by the time teardown blocks run.
+    private var pids: [Int32] = []
     private let runDirectory: String
 
     init(runDirectory: String) throws {
@@ -48,24 +50,26 @@ final class NBDTestHost {
     }
 
     /// Runs `command` inside the namespace (servers detach and write `pidFile`).
-    func start(_ command: [String], pidFile: String) throws {
-        pidFiles.append(pidFile)
+    func start(_ command: [String], pidFile: String, uri: String) throws -> String {
         try startDaemon("ip", ["netns", "exec", namespace] + command, log: pidFile + ".log")
+        try waitForServer(uri)
+        let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
+        if let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) { pids.append(pid) }
+        return uri
     }
 
     /// qemu-nbd serving `image` (raw) in the namespace; returns its URI.
     func qemuNBD(_ image: String, port: Int = 10809, extra: [String] = []) throws -> String {
         let pidFile = runDirectory + "/qemu-nbd-\(port).pid"
-        try start(["qemu-nbd", "--fork", "--pid-file=\(pidFile)", "-t", "-e", "32", "-f", "raw", "--cache=writeback",
-                   "-b", address, "-p", "\(port)"] + extra + [image], pidFile: pidFile)
-        return try waitForServer("nbd://\(address):\(port)")
+        return try start(["qemu-nbd", "--fork", "--pid-file=\(pidFile)", "-t", "-e", "32", "-f", "raw", "--cache=writeback",
+                   "-b", address, "-p", "\(port)"] + extra + [image], pidFile: pidFile, uri: "nbd://\(address):\(port)")
     }
 
     /// nbdkit in the namespace with `arguments` (filters, plugin, parameters); returns its URI.
     func nbdkit(_ arguments: [String], port: Int = 10810) throws -> String {
         let pidFile = runDirectory + "/nbdkit-\(port).pid"
-        try start(["nbdkit", "-P", pidFile, "-i", address, "-p", "\(port)"] + arguments, pidFile: pidFile)
-        return try waitForServer("nbd://\(address):\(port)")
+        return try start(["nbdkit", "-P", pidFile, "-i", address, "-p", "\(port)"] + arguments, pidFile: pidFile,
+                  uri: "nbd://\(address):\(port)")
     }
 
     /// Black-holes the server's port from the host's side (silent, like a WAN cut).
@@ -83,11 +87,7 @@ final class NBDTestHost {
     }
 
     func tearDown() {
-        for pidFile in pidFiles {
-            if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
-                kill(pid, SIGKILL)
-            }
-        }
+        for pid in pids { kill(pid, SIGKILL) }
         _ = try? execute("ip", ["netns", "del", namespace])
         _ = try? execute("ip", ["link", "del", rootDevice])
         _ = try? execute("ip", ["route", "del", "unreachable", subnet, "metric", "4242"])

@@ -78,6 +78,8 @@ final class QMPDispatchTests: XCTestCase {
             (#"{"execute":"drive-mirror","arguments":{"device":"disk.raw","target":"/x","sync":"full","granularity":1000}}"#, #"{"class": "GenericError", "desc": "Parameter 'granularity' expects a power of 2"}"#),
             (#"{"execute":"drive-mirror","arguments":{"device":"disk.raw","target":"/x","sync":"incremental"}}"#, #"{"class": "GenericError", "desc": "Sync mode 'incremental' not supported"}"#),
             (#"{"execute":"drive-mirror","arguments":{"device":"disk.raw","target":"/x","sync":"full","speed":-1}}"#, #"{"class": "GenericError", "desc": "Parameter 'speed' expects a non-negative value"}"#),
+            (#"{"execute":"drive-mirror","arguments":{"device":"disk.raw","target":"nbd+unix:///?socket=/nonexistent.sock","sync":"full"}}"#, #"{"class": "GenericError", "desc": "Driver 'nbd' does not support image creation"}"#),
+            (#"{"execute":"drive-mirror","arguments":{"device":"disk.raw","target":"nbd+unix:///x","sync":"full","mode":"existing"}}"#, #"{"class": "GenericError", "desc": "NBD URI 'nbd+unix:///x' needs ?socket=PATH"}"#),
             ("[1]", #"{"class": "GenericError", "desc": "QMP input must be a JSON object"}"#),
             (#"{"execute": }"#, #"{"class": "GenericError", "desc": "JSON parse error, expecting value"}"#),
             (#"{"arguments":{}}"#, #"{"class": "GenericError", "desc": "QMP input lacks member 'execute'"}"#),
