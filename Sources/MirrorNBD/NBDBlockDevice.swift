@@ -27,6 +27,11 @@ public final class NBDBlockDevice: BlockDevice, @unchecked Sendable {
         target.hasPrefix("nbd://") || target.hasPrefix("nbd+unix://")
     }
 
+    /// Checks the form of `uri` without connecting.
+    public static func checkURI(_ uri: String) throws(NBDError) {
+        try NBDError.check(uri: uri)
+    }
+
     /// Connects to `uri` (within `timeout`) and checks that the export can be a target.
     public init(uri: String, timeout: Double = defaultTimeout) throws(NBDError) {
         try NBDError.check(uri: uri)

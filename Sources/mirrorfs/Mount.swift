@@ -36,6 +36,17 @@ extension Mirrorfs {
         @Option(help: .hidden) var readyFD: Int32?
 
         func run() throws {
+            // A daemon child reports every failure, its own checks included, to the caller.
+            let ready = readyFD.map(ReadyPipe.init(fd:))
+            do {
+                try checkAndServe(ready: ready)
+            } catch {
+                ready?.report(failure: "\(error)")
+                throw error
+            }
+        }
+
+        private func checkAndServe(ready: ReadyPipe?) throws {
             let image = try ImageSource.validate(path: source, readOnly: readOnly)
             if job.target == nil && job.hasJobSettings {
                 throw CLIError("job options need --target")
@@ -46,7 +57,11 @@ extension Mirrorfs {
             guard nbdTimeout > 0 && nbdTimeout <= 3600 else {
                 throw CLIError("--nbd-timeout must be more than 0 and at most 3600 seconds")
             }
-            let mirrorTarget = try job.target.map { try MirrorTarget.validate($0, source: image, timeout: nbdTimeout) }
+            // A daemonizing parent does not connect to an NBD target: many servers take one
+            // client only (qemu-nbd's default), and the child's checks come back as one line too.
+            let mirrorTarget = try job.target.map {
+                try MirrorTarget.validate($0, source: image, timeout: nbdTimeout, connect: !daemonize)
+            }
             let logPath = try job.target.flatMap { try job.dirtyLogPath(target: $0, source: image) }
             let mirrorOptions = try mirrorTarget.map {
                 try job.mirrorOptions(defaultJobID: image.name, targetIsZero: !$0.exists)
@@ -58,14 +73,8 @@ extension Mirrorfs {
                 try Daemon.spawnAndWait(arguments: CommandLine.arguments, mountpoint: mountDirectory, logFile: logFile)
                 return
             }
-            let ready = readyFD.map(ReadyPipe.init(fd:))
-            do {
-                try serve(image: image, mountpoint: mountDirectory, mirror: mirrorTarget.map { ($0, mirrorOptions!) },
-                          logPath: logPath, socketPath: socketPath, ready: ready)
-            } catch {
-                ready?.report(failure: "\(error)")
-                throw error
-            }
+            try serve(image: image, mountpoint: mountDirectory, mirror: mirrorTarget.map { ($0, mirrorOptions!) },
+                      logPath: logPath, socketPath: socketPath, ready: ready)
         }
 
         private func serve(image: ImageSource, mountpoint: String, mirror: (MirrorTarget, MirrorOptions)?,
@@ -190,11 +199,17 @@ enum DirtyLogSetup {
 enum MirrorTarget {
     case file(TargetImage)
     case nbd(NBDBlockDevice)
+    /// Checked for form only (a daemonizing parent); never opened.
+    case nbdUnchecked(String)
 
     /// Checks the target before anything is mounted or created; an NBD export is
     /// connected to (within `timeout`) and must have the source's size.
-    static func validate(_ target: String, source: ImageSource, timeout: Double) throws -> MirrorTarget {
+    static func validate(_ target: String, source: ImageSource, timeout: Double, connect: Bool) throws -> MirrorTarget {
         guard NBDBlockDevice.isURI(target) else { return .file(try TargetImage.validate(path: target, source: source)) }
+        guard connect else {
+            do { try NBDBlockDevice.checkURI(target) } catch { throw CLIError(error.description) }
+            return .nbdUnchecked(target)
+        }
         let device: NBDBlockDevice
         do {
             device = try NBDBlockDevice(uri: target, timeout: timeout)
@@ -211,7 +226,7 @@ enum MirrorTarget {
     var exists: Bool {
         switch self {
         case .file(let image): image.exists
-        case .nbd: true
+        case .nbd, .nbdUnchecked: true
         }
     }
 
@@ -219,6 +234,7 @@ enum MirrorTarget {
         switch self {
         case .file(let image): try image.open(size: size, pool: pool)
         case .nbd(let device): device
+        case .nbdUnchecked(let uri): throw CLIError("NBD target '\(uri)' was not connected")
         }
     }
 }

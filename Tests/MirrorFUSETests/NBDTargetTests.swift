@@ -234,6 +234,24 @@ final class NBDTargetTests: XCTestCase {
         try assertIdentical(source, exported)
     }
 
+    /// qemu-nbd as most people start it: one client at a time, exiting when it leaves.
+    func testDaemonizedMountMirrorsToASingleClientQemuNBD() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 8 << 20)])
+        let exported = try scratch.image("export.raw", size: 32 << 20)
+        let socket = scratch.file("single.sock")
+        try startDaemon("qemu-nbd", ["--fork", "-f", "raw", "-k", socket, exported], log: scratch.file("single.log"))
+        let mountpoint = try scratch.directory("mnt")
+        try check(mirrorfsBinary, ["mount", source, mountpoint, "--target", "nbd+unix:///?socket=\(socket)",
+                                   "--daemonize", "--log-file", scratch.file("daemon.log")])
+        defer { _ = try? execute(mirrorfsBinary, ["unmount", mountpoint]) }
+        XCTAssertTrue(waitForJob(mountpoint, containing: "\"ready\": true").contains("\"ready\": true"))
+        try check(mirrorfsBinary, ["job", "complete", mountpoint])
+        XCTAssertEqual(waitForJob(mountpoint, containing: "null").trimmingCharacters(in: .whitespacesAndNewlines), "null")
+        try check(mirrorfsBinary, ["unmount", mountpoint])
+        try assertIdentical(source, exported)
+    }
+
     func testJobStartDriveMirrorToAnExistingExportAndItsErrors() throws {
         let scratch = try Scratch()
         let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(1 << 20, 4 << 20)])
@@ -274,12 +292,16 @@ final class NBDTargetTests: XCTestCase {
             ("nbd+unix:///export", "needs ?socket=PATH"),
             ("nbd://", "has no host"),
         ]
+        // With --daemonize the parent leaves the connection to the daemon (a server may take
+        // one client only); the daemon's refusal comes back the same way.
         for (target, expected) in cases {
-            let result = try execute(mirrorfsBinary, ["mount", source, mountpoint, "--target", target])
-            XCTAssertNotEqual(result.status, 0, target)
-            XCTAssertTrue(result.stderr.contains(expected), "\(target): \(result.stderr)")
-            XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, "one line: \(result.stderr)")
-            XCTAssertFalse(isMounted(mountpoint))
+            for extra in [[], ["--daemonize", "--log-file", scratch.file("daemon.log")]] {
+                let result = try execute(mirrorfsBinary, ["mount", source, mountpoint, "--target", target] + extra)
+                XCTAssertNotEqual(result.status, 0, target)
+                XCTAssertTrue(result.stderr.contains(expected), "\(target) \(extra): \(result.stderr)")
+                XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, "one line: \(result.stderr)")
+                XCTAssertFalse(isMounted(mountpoint))
+            }
         }
         let badTimeout = try execute(mirrorfsBinary, ["mount", source, mountpoint, "--target", readOnly.uri, "--nbd-timeout", "0"])
         XCTAssertNotEqual(badTimeout.status, 0)
