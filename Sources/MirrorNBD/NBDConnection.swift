@@ -65,6 +65,10 @@ final class NBDConnection: @unchecked Sendable {
         thread.start()
     }
 
+    /// The eventfd is closed only here, after the I/O thread (which holds `self`) has ended,
+    /// so a late `wake()` never writes to a reused descriptor.
+    deinit { close(wakeFD) }
+
     /// Queues `kind` and waits for its result (at most about `timeout` seconds).
     func perform(_ kind: Request.Kind) throws(Errno) {
         let request = Request(kind: kind, deadline: monotonicSeconds() + timeout)
@@ -107,10 +111,10 @@ final class NBDConnection: @unchecked Sendable {
             if retry { retryAfter = 0 }
             waiting.append(contentsOf: new)
             if stop {
+                disconnect()
                 dropConnection(.socketNotConnected)
                 for request in waiting { finish(request, .socketNotConnected) }
                 waiting.removeAll()
-                close(wakeFD)
                 return
             }
             if handle == nil && !waiting.isEmpty {
@@ -235,6 +239,15 @@ final class NBDConnection: @unchecked Sendable {
         inFlight.removeAll()
     }
 
+    /// A clean end (NBD_CMD_DISC) when nothing is in flight, waiting at most 1 s for it.
+    private func disconnect() {
+        guard let handle, inFlight.isEmpty, nbd_aio_is_ready(handle) != 0,
+              nbd_aio_disconnect(handle, 0) == 0 else { return }
+        _ = try? NBDHandle.drive(handle, deadline: monotonicSeconds() + 1) { nbd_aio_is_closed(handle) != 0 }
+        nbd_close(handle)
+        self.handle = nil
+    }
+
     private func reconnect() {
         do {
             let fresh = try NBDHandle.connect(uri: uri, timeout: timeout)
@@ -284,35 +297,48 @@ enum NBDHandle {
         guard nbd_aio_connect_uri(handle, uri) == 0 else { throw fail() }
         let deadline = monotonicSeconds() + timeout
         var timedFD: Int32 = -1
-        while nbd_aio_is_ready(handle) == 0 {
-            if nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 { throw fail() }
-            let fd = nbd_aio_get_fd(handle)
-            if fd >= 0 && fd != timedFD {
-                _ = cnbd_set_tcp_user_timeout(fd, UInt32(timeout * 1000))
-                timedFD = fd
+        do {
+            try drive(handle, deadline: deadline) {
+                let fd = nbd_aio_get_fd(handle)
+                if fd >= 0 && fd != timedFD {
+                    _ = cnbd_set_tcp_user_timeout(fd, UInt32(timeout * 1000))
+                    timedFD = fd
+                }
+                return nbd_aio_is_ready(handle) != 0
             }
+        } catch .timedOut {
+            throw fail(.timedOut, "no answer within \(formatSeconds(timeout))")
+        } catch {
+            throw fail()
+        }
+        let fd = nbd_aio_get_fd(handle)
+        if fd >= 0 && fd != timedFD { _ = cnbd_set_tcp_user_timeout(fd, UInt32(timeout * 1000)) }
+        return handle
+    }
+
+    /// Runs the handle's state machine on this thread until `done()` holds. Throws
+    /// ETIMEDOUT at `deadline`, or the handle's error when it dies.
+    static func drive(_ handle: OpaquePointer, deadline: Double, until done: () -> Bool) throws(Errno) {
+        while !done() {
+            if nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 { throw .ioError }
             let remaining = deadline - monotonicSeconds()
-            guard remaining > 0 else { throw fail(.timedOut, "no answer within \(formatSeconds(timeout))") }
+            guard remaining > 0 else { throw .timedOut }
             let direction = nbd_aio_get_direction(handle)
             var events: Int16 = 0
             if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
             if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
-            var pfd = pollfd(fd: fd, events: events, revents: 0)
-            let ready = poll(&pfd, 1, Int32(min(remaining, 1) * 1000) + 1)
-            guard ready > 0 else { continue }
+            var pfd = pollfd(fd: nbd_aio_get_fd(handle), events: events, revents: 0)
+            guard poll(&pfd, 1, Int32(min(remaining, 1) * 1000) + 1) > 0 else { continue }
             var result: Int32 = 0
             if pfd.revents & Int16(POLLIN | POLLHUP) != 0 {
                 result = nbd_aio_notify_read(handle)
             } else if pfd.revents & Int16(POLLOUT) != 0 {
                 result = nbd_aio_notify_write(handle)
             } else if pfd.revents & Int16(POLLERR | POLLNVAL) != 0 {
-                throw fail(.connectionRefused, "connection failed")
+                throw .connectionRefused
             }
-            if result == -1 { throw fail() }
+            if result == -1 { throw .ioError }
         }
-        let fd = nbd_aio_get_fd(handle)
-        if fd >= 0 && fd != timedFD { _ = cnbd_set_tcp_user_timeout(fd, UInt32(timeout * 1000)) }
-        return handle
     }
 
     static func lastMessage() -> String {
