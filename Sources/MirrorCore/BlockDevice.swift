@@ -45,6 +45,14 @@ extension BlockDevice {
     public func retryNow() {}
 }
 
+/// FNV-1a, 64 bits: a hash of a name that stays the same across runs (Swift's Hasher is
+/// seeded per process), for file names and identities derived from a path or URI.
+public func stableHash(_ text: String) -> UInt64 {
+    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+    for byte in text.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+    return hash
+}
+
 /// A file's device and inode; for storage without them, a marker device and a hash.
 public struct DeviceIdentity: Equatable, Sendable {
     public var device: UInt64

@@ -65,9 +65,7 @@ public final class NBDBlockDevice: BlockDevice, @unchecked Sendable {
 
     /// NBD exports have no inode: the URI names the storage (for the dirty log's identity).
     public var identity: DeviceIdentity {
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in uri.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-        return DeviceIdentity(device: DeviceIdentity.nbdDevice, inode: hash)
+        DeviceIdentity(device: DeviceIdentity.nbdDevice, inode: stableHash(uri))
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno) -> Int {

@@ -89,9 +89,7 @@ extension JobOptions {
             throw CLIError("state directory '\(directory)' is not writable: \(String(cString: strerror(errno)))")
         }
         if isNBD {
-            var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-            for byte in target.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-            return directory + "/" + source.name + ".nbd-" + String(hash, radix: 16) + ".dirtylog"
+            return directory + "/" + source.name + ".nbd-" + String(stableHash(target), radix: 16) + ".dirtylog"
         }
         return directory + "/" + targetURL.lastPathComponent + ".dirtylog"
     }

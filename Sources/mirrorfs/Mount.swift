@@ -292,9 +292,7 @@ enum ControlSocket {
         let directory = try RuntimeDirectory.path()
         let path = directory + "/" + RuntimeDirectory.name(for: mountpoint, suffix: ".qmp")
         if path.utf8.count < 100 { return path }
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in mountpoint.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
-        return directory + "/" + String(hash, radix: 16) + ".qmp"
+        return directory + "/" + String(stableHash(mountpoint), radix: 16) + ".qmp"
     }
 
     static func validate(path: String) throws {
