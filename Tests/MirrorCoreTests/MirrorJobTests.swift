@@ -198,6 +198,35 @@ final class MirrorJobTests: XCTestCase {
         XCTAssertEqual(target.contents, source.contents)
     }
 
+    /// A write-blocking job stopped by a target error mirrors no user write until resumed:
+    /// they are tracked dirty (a dead target must not hold each of them up again).
+    func testWhileStoppedByATargetErrorWritesAreTrackedNotMirrored() throws {
+        let (filter, source) = makeFilter(size: 2 << 20, seed: 11)
+        let target = MemoryBlockDevice(size: 2 << 20)
+        let recorder = EventRecorder()
+        filter.addEventListener { recorder.record($0) }
+        var options = MirrorOptions(jobID: "disk.raw")
+        options.copyMode = .writeBlocking
+        options.onTargetError = .stop
+        let job = try filter.startMirror(to: target, options: options)
+        recorder.wait(for: "BLOCK_JOB_READY")
+        while !job.activelySynced { usleep(2000) }
+        target.failWrites.withLock { $0 = (.ioError, 1) }
+        XCTAssertEqual(try [UInt8](repeating: 1, count: 4096).withUnsafeBytes { try filter.write($0, at: 0, cache: .cached) }, 4096)
+        XCTAssertEqual(job.info().ioStatus, .failed)
+        recorder.wait(for: "JSC standby")
+        let fresh = [UInt8](repeating: 0x55, count: 4096)
+        XCTAssertEqual(try fresh.withUnsafeBytes { try filter.write($0, at: 1 << 20, cache: .cached) }, 4096)
+        XCTAssertFalse(target.contents[(1 << 20)..<((1 << 20) + 4096)].allSatisfy { $0 == 0x55 }, "not mirrored while stopped")
+        XCTAssertGreaterThan(job.info().dirtyBytes, 0)
+        XCTAssertFalse(job.activelySynced)
+        try job.resume()
+        let deadline = Date().addingTimeInterval(30)
+        while !job.activelySynced && Date() < deadline { usleep(2000) }
+        XCTAssertTrue(job.activelySynced)
+        XCTAssertEqual(target.contents, source.contents)
+    }
+
     func testTargetErrorWithReportFailsTheJobButNotTheUser() throws {
         let (filter, _) = makeFilter(size: 2 << 20, seed: 9)
         let target = MemoryBlockDevice(size: 2 << 20)
