@@ -174,13 +174,14 @@ final class NBDTargetTests: XCTestCase {
 
     func testHungServerIsDetectedWithinTheDeadline() throws {
         let scratch = try Scratch()
+        let host = try testHost(scratch)
         let source = try scratch.image("disk.raw", size: 16 << 20)
         let control = scratch.file("pause.sock")
-        let server = try UnixNBDServer("nbdkit", in: scratch.path, name: "paused",
-                                       ["--filter=pause", "memory", "size=16M", "pause-control=\(control)"])
+        // nbdkit on the test host: TCP stays up while the server answers nothing.
+        let uri = try host.nbdkit(["--filter=pause", "memory", "size=16M", "pause-control=\(control)"])
         let deadline = 2.0
         let mount = try Mount(source: source, at: try scratch.directory("mnt"),
-                              extra: ["--target", server.uri, "--copy-mode", "write-blocking", "--on-target-error", "stop",
+                              extra: ["--target", uri, "--copy-mode", "write-blocking", "--on-target-error", "stop",
                                       "--nbd-timeout", "\(Int(deadline))"])
         waitUntil("actively synced") { job(mount)?["actively-synced"] as? Bool == true }
         XCTAssertEqual(try pauseControl(control, "p"), "P")
@@ -194,7 +195,7 @@ final class NBDTargetTests: XCTestCase {
         XCTAssertEqual(try pauseControl(control, "r"), "R")
         try check(mirrorfsBinary, ["job", "resume", mount.mountpoint])
         waitUntil("actively synced again") { job(mount)?["actively-synced"] as? Bool == true }
-        try check("qemu-io", ["-f", "raw", "-c", "read -P 0x42 0 4k", server.uri])
+        try check("qemu-io", ["-f", "raw", "-c", "read -P 0x42 0 4k", uri])
         XCTAssertEqual(mount.stop(), 0)
     }
 
