@@ -27,14 +27,27 @@ public final class NBDBlockDevice: BlockDevice, @unchecked Sendable {
         target.hasPrefix("nbd://") || target.hasPrefix("nbd+unix://")
     }
 
-    /// Checks the form of `uri` without connecting.
+    /// The URI forms mirrorfs accepts: nbd://HOST[:PORT][/EXPORT] and
+    /// nbd+unix:///EXPORT?socket=PATH (no TLS); checked without connecting.
     public static func checkURI(_ uri: String) throws(NBDError) {
-        try NBDError.check(uri: uri)
+        if uri.hasPrefix("nbd+unix://") {
+            guard uri.contains("socket=") else {
+                throw NBDError("NBD URI '\(uri)' needs ?socket=PATH")
+            }
+        } else if uri.hasPrefix("nbd://") {
+            let rest = uri.dropFirst("nbd://".count)
+            guard let host = rest.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false).first,
+                  !host.isEmpty else {
+                throw NBDError("NBD URI '\(uri)' has no host")
+            }
+        } else {
+            throw NBDError("'\(uri)' is not an NBD URI (nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH)")
+        }
     }
 
     /// Connects to `uri` (within `timeout`) and checks that the export can be a target.
     public init(uri: String, timeout: Double = defaultTimeout) throws(NBDError) {
-        try NBDError.check(uri: uri)
+        try Self.checkURI(uri)
         let handle: OpaquePointer
         do {
             handle = try NBDHandle.connect(uri: uri, timeout: timeout)
@@ -185,25 +198,4 @@ final class ExtentList {
 public struct NBDError: Error, CustomStringConvertible {
     public let description: String
     public init(_ description: String) { self.description = description }
-
-    /// The URI forms mirrorfs accepts: nbd://HOST[:PORT][/EXPORT] and
-    /// nbd+unix:///EXPORT?socket=PATH (no TLS).
-    static func check(uri: String) throws(NBDError) {
-        if uri.hasPrefix("nbd+unix://") {
-            guard uri.contains("socket=") else {
-                throw NBDError("NBD URI '\(uri)' needs ?socket=PATH")
-            }
-        } else if uri.hasPrefix("nbd://") {
-            let rest = uri.dropFirst("nbd://".count)
-            guard let host = rest.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false).first,
-                  !host.isEmpty else {
-                throw NBDError("NBD URI '\(uri)' has no host")
-            }
-        } else {
-            throw NBDError("'\(uri)' is not an NBD URI (nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH)")
-        }
-        guard let handle = nbd_create() else { throw NBDError("libnbd: \(NBDHandle.lastMessage())") }
-        defer { nbd_close(handle) }
-        guard nbd_supports_uri(handle) == 1 else { throw NBDError("this libnbd cannot parse NBD URIs") }
-    }
 }

@@ -151,7 +151,7 @@ final class NBDConnection: @unchecked Sendable {
                 inFlight[cookie] = request
                 continue
             }
-            let error = currentError()
+            let error = NBDHandle.lastErrno()
             if nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 {
                 waiting.insert(request, at: 0)
                 dropConnection(error)
@@ -180,18 +180,10 @@ final class NBDConnection: @unchecked Sendable {
     /// Waits for the socket, the eventfd or the next deadline, then lets libnbd move.
     private func pollOnce() {
         var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
-        var direction: UInt32 = 0
-        if let handle {
-            direction = nbd_aio_get_direction(handle)
-            var events: Int16 = 0
-            if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
-            if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
-            fds.append(pollfd(fd: nbd_aio_get_fd(handle), events: events, revents: 0))
-        }
+        if let handle { fds.append(NBDHandle.socket(of: handle)) }
         var wait = 1.0
         let earliest = inFlight.values.map(\.deadline).min() ?? waiting.map(\.deadline).min()
         if let earliest { wait = min(wait, max(earliest - monotonicSeconds(), 0)) }
-        if !waiting.isEmpty && handle == nil { wait = 0 }
         let ready = poll(&fds, nfds_t(fds.count), Int32((wait * 1000).rounded(.up)))
         guard ready > 0 else { return }
         if fds[0].revents != 0 {
@@ -199,19 +191,14 @@ final class NBDConnection: @unchecked Sendable {
             _ = read(wakeFD, &count, 8)
         }
         guard let handle, fds.count == 2 else { return }
-        let revents = fds[1].revents
-        var result: Int32 = 0
-        if revents & Int16(POLLIN | POLLHUP) != 0 {
-            result = nbd_aio_notify_read(handle)
-        } else if revents & Int16(POLLOUT) != 0 {
-            result = nbd_aio_notify_write(handle)
-        } else if revents & Int16(POLLERR | POLLNVAL) != 0 {
-            lastError = .socketNotConnected
-            dropConnection(.socketNotConnected)
-            return
+        do {
+            try NBDHandle.notify(handle, fds[1].revents)
+            retireCompleted()
+        } catch {
+            // The connection is gone: keep what completed before, fail the rest.
+            retireCompleted()
+            dropConnection(error)
         }
-        if result == -1 { lastError = currentError() }
-        retireCompleted()
     }
 
     private func retireCompleted() {
@@ -220,7 +207,7 @@ final class NBDConnection: @unchecked Sendable {
             let cookie = nbd_aio_peek_command_completed(handle)
             guard cookie > 0 else { return }
             let result = nbd_aio_command_completed(handle, UInt64(cookie))
-            let error: Errno? = result == -1 ? currentError() : nil
+            let error: Errno? = result == -1 ? NBDHandle.lastErrno() : nil
             if let request = inFlight.removeValue(forKey: cookie) { finish(request, error) }
         }
     }
@@ -268,11 +255,6 @@ final class NBDConnection: @unchecked Sendable {
         request.failure = error
         request.done.signal()
     }
-
-    private func currentError() -> Errno {
-        let code = nbd_get_errno()
-        return code > 0 ? Errno(rawValue: code) : .ioError
-    }
 }
 
 /// Opening a libnbd handle with a deadline (nbd_connect_uri itself can block for minutes).
@@ -285,9 +267,7 @@ enum NBDHandle {
     static func connect(uri: String, timeout: Double) throws(Failure) -> OpaquePointer {
         guard let handle = nbd_create() else { throw Failure(errno: .noMemory, message: lastMessage()) }
         func fail(_ errno: Errno? = nil, _ message: String? = nil) -> Failure {
-            let code = nbd_get_errno()
-            let failure = Failure(errno: errno ?? (code > 0 ? Errno(rawValue: code) : .ioError),
-                                  message: message ?? lastMessage())
+            let failure = Failure(errno: errno ?? lastErrno(), message: message ?? lastMessage())
             nbd_close(handle)
             return failure
         }
@@ -323,22 +303,39 @@ enum NBDHandle {
             if nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 { throw .ioError }
             let remaining = deadline - monotonicSeconds()
             guard remaining > 0 else { throw .timedOut }
-            let direction = nbd_aio_get_direction(handle)
-            var events: Int16 = 0
-            if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
-            if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
-            var pfd = pollfd(fd: nbd_aio_get_fd(handle), events: events, revents: 0)
+            var pfd = socket(of: handle)
             guard poll(&pfd, 1, Int32(min(remaining, 1) * 1000) + 1) > 0 else { continue }
-            var result: Int32 = 0
-            if pfd.revents & Int16(POLLIN | POLLHUP) != 0 {
-                result = nbd_aio_notify_read(handle)
-            } else if pfd.revents & Int16(POLLOUT) != 0 {
-                result = nbd_aio_notify_write(handle)
-            } else if pfd.revents & Int16(POLLERR | POLLNVAL) != 0 {
-                throw .connectionRefused
-            }
-            if result == -1 { throw .ioError }
+            try notify(handle, pfd.revents)
         }
+    }
+
+    /// The handle's socket with the events libnbd's state machine waits for.
+    static func socket(of handle: OpaquePointer) -> pollfd {
+        let direction = nbd_aio_get_direction(handle)
+        var events: Int16 = 0
+        if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
+        if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
+        return pollfd(fd: nbd_aio_get_fd(handle), events: events, revents: 0)
+    }
+
+    /// Hands what poll saw on the socket to libnbd, as nbd_poll does. Throws the handle's
+    /// error when libnbd fails, ENOTCONN when the socket failed under it.
+    static func notify(_ handle: OpaquePointer, _ revents: Int16) throws(Errno) {
+        var result: Int32 = 0
+        if revents & Int16(POLLIN | POLLHUP) != 0 {
+            result = nbd_aio_notify_read(handle)
+        } else if revents & Int16(POLLOUT) != 0 {
+            result = nbd_aio_notify_write(handle)
+        } else if revents & Int16(POLLERR | POLLNVAL) != 0 {
+            throw .socketNotConnected
+        }
+        if result == -1 { throw lastErrno() }
+    }
+
+    /// libnbd's errno of this thread's last failed call (EIO when it set none).
+    static func lastErrno() -> Errno {
+        let code = nbd_get_errno()
+        return code > 0 ? Errno(rawValue: code) : .ioError
     }
 
     static func lastMessage() -> String {

@@ -53,8 +53,7 @@ final class NBDTestHost {
     func start(_ command: [String], pidFile: String, uri: String) throws -> String {
         try startDaemon("ip", ["netns", "exec", namespace] + command, log: pidFile + ".log")
         try waitForServer(uri)
-        let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
-        if let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) { pids.append(pid) }
+        if let pid = readPid(pidFile) { pids.append(pid) }
         return uri
     }
 
@@ -124,8 +123,7 @@ final class UnixNBDServer {
         try startDaemon(kind, command, log: pidFile + ".log")
         uri = "nbd+unix:///?socket=\(socket)"
         try waitForServer(uri)
-        let text = (try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? ""
-        pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        pid = readPid(pidFile) ?? 0
     }
 
     /// Sends `signal` to this server (SIGSTOP makes a hung one).
@@ -166,4 +164,10 @@ func startDaemon(_ executable: String, _ arguments: [String], log: String) throw
         let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         throw NSError(domain: "test", code: 1, userInfo: [NSLocalizedDescriptionKey: "\(executable) \(arguments.joined(separator: " ")): \(text)"])
     }
+}
+
+/// The pid a server wrote to `file` (read once it answers: some write it after detaching).
+func readPid(_ file: String) -> Int32? {
+    let text = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
+    return Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))
 }
