@@ -3,12 +3,13 @@
 // else — no mirror filter, no locks, no job. What it reaches is what a FUSE round trip
 // costs on this machine; mirrorfs/ceiling shows what the product adds on top.
 //
-//   fuse-ceiling IMAGE MOUNTPOINT [passthrough|cached]   (foreground; fusermount3 -u ends it)
+//   fuse-ceiling IMAGE MOUNTPOINT [passthrough|cached|null]   (foreground; fusermount3 -u ends it)
 //
 // Same settings as mirrorfs: direct_io and parallel direct writes in the open reply,
 // max_write 1 MiB, no writeback cache, 16 workers with one /dev/fuse clone each,
 // O_DIRECT clients served through an O_DIRECT descriptor of the image (passthrough, the
-// default) or every client through the page cache (cached), as `mount --odirect`.
+// default) or every client through the page cache (cached), as `mount --odirect`. null
+// answers reads without touching the image: the cost of the FUSE round trip alone.
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,6 +26,7 @@ enum { ROOT = 1, IMAGE = 2, MAX_IO = 1 << 20, ALIGN = 4096 };
 enum { FOPEN_DIRECT_IO = 1 << 0, FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6 };
 
 static int cached_fd, direct_fd;
+static int null_reads;
 static off_t image_size;
 static const char *image_name;
 
@@ -96,7 +98,8 @@ static void ceiling_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offs
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    ssize_t got = pread((int)fi->fh, buffer, size < MAX_IO ? size : MAX_IO, offset);
+    size_t count = size < MAX_IO ? size : MAX_IO;
+    ssize_t got = null_reads ? (ssize_t)count : pread((int)fi->fh, buffer, count, offset);
     if (got < 0) fuse_reply_err(req, errno);
     else fuse_reply_buf(req, buffer, (size_t)got);
 }
@@ -142,8 +145,9 @@ static const struct fuse_lowlevel_ops operations = {
 
 int main(int argc, char **argv) {
     int cached = argc == 4 && strcmp(argv[3], "cached") == 0;
-    if (argc < 3 || argc > 4 || (argc == 4 && !cached && strcmp(argv[3], "passthrough") != 0)) {
-        fprintf(stderr, "usage: %s IMAGE MOUNTPOINT [passthrough|cached]\n", argv[0]);
+    null_reads = argc == 4 && strcmp(argv[3], "null") == 0;
+    if (argc < 3 || argc > 4 || (argc == 4 && !cached && !null_reads && strcmp(argv[3], "passthrough") != 0)) {
+        fprintf(stderr, "usage: %s IMAGE MOUNTPOINT [passthrough|cached|null]\n", argv[0]);
         return 2;
     }
     struct stat st;
