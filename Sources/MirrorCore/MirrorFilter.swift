@@ -152,6 +152,11 @@ public final class MirrorFilter: Sendable {
         try device.allocatedBytes()
     }
 
+    /// statfs of the mount: the storage of the device served (the target after a pivot).
+    public func storageSpace() -> StorageSpace? {
+        device.storageSpace()
+    }
+
     /// `.status/job.json`: the job as QEMU's BlockJobInfo, `null` while there is none.
     public func jobJSON() -> String {
         guard let job else { return "null\n" }

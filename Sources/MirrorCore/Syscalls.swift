@@ -69,6 +69,12 @@ func system_fstat(_ fd: CInt) -> Result<stat, Errno> {
     return valueOrErrno { fstat(fd, &st) }.map { _ in st }
 }
 
+/// fstatvfs(3).
+func system_fstatvfs(_ fd: CInt) -> Result<statvfs, Errno> {
+    var st = statvfs()
+    return valueOrErrno { fstatvfs(fd, &st) }.map { _ in st }
+}
+
 /// open(2).
 func system_open(_ path: String, _ flags: CInt, _ mode: mode_t = 0) -> Result<CInt, Errno> {
     valueOrErrno { open(path, flags, mode) }

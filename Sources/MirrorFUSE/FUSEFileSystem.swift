@@ -121,6 +121,26 @@ public final class FUSEFileSystem: Sendable {
         return .success(st)
     }
 
+    /// statfs(2) of the mount: the space of the file system that holds the image served,
+    /// so `df` shows what writes into the image's holes can still use. Storage that
+    /// cannot tell (an NBD export) shows zero blocks.
+    func fileSystemStatistics() -> statvfs {
+        var st = statvfs()
+        st.f_namemax = 255
+        st.f_bsize = 4096
+        st.f_frsize = 4096
+        guard let space = filter.storageSpace() else { return st }
+        st.f_bsize = UInt(space.blockSize)
+        st.f_frsize = UInt(space.fragmentSize)
+        st.f_blocks = fsblkcnt_t(space.blocks)
+        st.f_bfree = fsblkcnt_t(space.freeBlocks)
+        st.f_bavail = fsblkcnt_t(space.availableBlocks)
+        st.f_files = fsfilcnt_t(space.files)
+        st.f_ffree = fsfilcnt_t(space.freeFiles)
+        st.f_favail = fsfilcnt_t(space.availableFiles)
+        return st
+    }
+
     // MARK: - Status files
 
     func statusContent(of node: Node) -> [UInt8] {

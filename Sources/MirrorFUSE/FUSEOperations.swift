@@ -265,6 +265,11 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
 
     ops.releasedir = { req, _, _ in _ = fuse_reply_err(req, 0) }
 
+    ops.statfs = { req, _ in
+        var st = fileSystem(req).fileSystemStatistics()
+        fuse_reply_statfs(req, &st)
+    }
+
     ops.getxattr = { req, ino, name, size in
         let fs = fileSystem(req)
         guard ino == Node.root.rawValue, let name, String(cString: name) == FUSEFileSystem.controlSocketAttribute,

@@ -144,6 +144,29 @@ final class MirrorMountTests: XCTestCase {
     }
 
     /// A target on a small tmpfs fills up.
+    func testStatfsShowsTheFileSystemOfTheImageServedBeforeAndAfterThePivot() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 16 << 20, randomPieces: [(0, 4 << 20)])
+        let targetFS = try scratch.directory("targetfs")
+        try check("mount", ["-t", "tmpfs", "-o", "size=40m", "tmpfs", targetFS])
+        defer { _ = try? execute("umount", ["-l", targetFS]) }
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--target", targetFS + "/target.raw"])
+        func space(_ path: String) throws -> (blocks: UInt64, fragment: UInt64) {
+            var st = statvfs()
+            guard statvfs(path, &st) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno)!) }
+            return (UInt64(st.f_blocks), UInt64(st.f_frsize))
+        }
+        let sourceFS = try space(scratch.path), tmpfs = try space(targetFS)
+        XCTAssertNotEqual(sourceFS.blocks * sourceFS.fragment, tmpfs.blocks * tmpfs.fragment)
+        let before = try space(mount.mountpoint)
+        XCTAssertEqual(before.blocks * before.fragment, sourceFS.blocks * sourceFS.fragment, "df shows the source's file system")
+        waitUntil("ready") { job(mount)?["status"] as? String == "ready" }
+        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
+        let after = try space(mount.mountpoint)
+        XCTAssertEqual(after.blocks * after.fragment, tmpfs.blocks * tmpfs.fragment, "after the pivot, df shows the target's file system")
+        XCTAssertEqual(mount.stop(), 0)
+    }
+
     func testFullTargetStopsWithNospaceUntilResumedAndReportFailsTheJobOnly() throws {
         for policy in ["stop", "report"] {
             let scratch = try Scratch()
