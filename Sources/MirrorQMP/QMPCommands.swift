@@ -59,6 +59,8 @@ public final class QMPCommands: Sendable {
     private let onQuit: @Sendable () -> Void
     /// The request deadline of NBD targets that drive-mirror opens.
     private let nbdTimeout: Double
+    /// The daemon's I/O buffers, shared with the source: a job's target takes no pool of its own.
+    private let bufferPool: AlignedBufferPool
 
     private struct Command {
         let parameters: [Parameter]
@@ -84,9 +86,10 @@ public final class QMPCommands: Sendable {
     }
     private let table: [String: Command]
 
-    public init(filter: MirrorFilter, imageName: String, package: String,
+    public init(filter: MirrorFilter, imageName: String, package: String, bufferPool: AlignedBufferPool,
                 nbdTimeout: Double = NBDBlockDevice.defaultTimeout, onQuit: @escaping @Sendable () -> Void) {
         self.filter = filter
+        self.bufferPool = bufferPool
         self.nbdTimeout = nbdTimeout
         self.imageName = imageName
         self.package = package
@@ -338,7 +341,6 @@ public final class QMPCommands: Sendable {
             }
             return device
         }
-        let pool = AlignedBufferPool(bufferSize: 1 << 20, retained: 4)
         var st = stat()
         if stat(path, &st) == 0, let source = filter.device as? FileBlockDevice,
            UInt64(st.st_dev) == source.device && UInt64(st.st_ino) == source.inode {
@@ -346,7 +348,7 @@ public final class QMPCommands: Sendable {
         }
         if existing {
             do {
-                return try FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
+                return try FileBlockDevice(path: path, readOnly: false, bufferPool: bufferPool)
             } catch {
                 throw .generic("Could not open '\(path)': \(String(cString: strerror(error.rawValue)))")
             }
@@ -360,7 +362,7 @@ public final class QMPCommands: Sendable {
             throw .generic("Could not resize '\(path)': \(String(cString: strerror(errno)))")
         }
         do {
-            return try FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
+            return try FileBlockDevice(path: path, readOnly: false, bufferPool: bufferPool)
         } catch {
             throw .generic("Could not open '\(path)': \(String(cString: strerror(error.rawValue)))")
         }

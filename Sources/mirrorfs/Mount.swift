@@ -100,7 +100,8 @@ extension Mirrorfs {
                 }
             }
             let commands = QMPCommands(filter: filter, imageName: image.name,
-                                       package: "mirrorfs \(Mirrorfs.configuration.version)", nbdTimeout: nbdTimeout,
+                                       package: "mirrorfs \(Mirrorfs.configuration.version)", bufferPool: pool,
+                                       nbdTimeout: nbdTimeout,
                                        onQuit: { kill(getpid(), SIGTERM) })
             let server: QMPServer
             do {

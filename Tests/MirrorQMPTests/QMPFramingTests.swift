@@ -41,9 +41,10 @@ final class QMPDispatchTests: XCTestCase {
     private func commands() -> QMPCommands {
         let path = NSTemporaryDirectory() + "/qmp-\(UUID().uuidString).raw"
         _ = FileManager.default.createFile(atPath: path, contents: Data(count: 65536))
-        let device = try! FileBlockDevice(path: path, readOnly: false, bufferPool: AlignedBufferPool(bufferSize: 65536))
+        let pool = AlignedBufferPool(bufferSize: 65536)
+        let device = try! FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
         return QMPCommands(filter: MirrorFilter(source: device, readOnly: false), imageName: "disk.raw",
-                           package: "test", onQuit: {})
+                           package: "test", bufferPool: pool, onQuit: {})
     }
 
     private func send(_ text: String, _ c: QMPCommands, _ session: inout QMPSession) -> String {
