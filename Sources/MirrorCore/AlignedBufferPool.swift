@@ -10,7 +10,8 @@ import Synchronization
 /// 4-job 4 KiB reads from the page cache). A nested request on the same thread, and a
 /// thread's first, use the shared list; it keeps at most `retained` buffers.
 /// A pool lives as long as the daemon: a buffer cached by a thread is freed when that
-/// thread exits, and left alone if the pool goes first.
+/// thread exits, and left alone if the pool goes first (glibc then hides it from a later
+/// pool that gets the same key: values of a deleted key read back as nil).
 public final class AlignedBufferPool: Sendable {
     public static let alignment = 4096
     public let bufferSize: Int
