@@ -1,3 +1,4 @@
+import Glibc
 import SystemPackage
 
 /// How a request wants the device's cache treated: `.direct` comes from a client that
@@ -39,39 +40,14 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// The job resumes after an error: a device that lost its connection tries a new one
     /// at the next request instead of failing fast until its retry time.
     func retryNow()
-    /// Size and free space of the storage that holds the device (statfs of the mount);
-    /// nil when the storage cannot tell.
-    func storageSpace() -> StorageSpace?
+    /// statvfs(3) of the file system that holds the device (statfs of the mount); nil
+    /// when the storage cannot tell.
+    func fileSystemStatistics() -> statvfs?
 }
 
 extension BlockDevice {
     public func retryNow() {}
-    public func storageSpace() -> StorageSpace? { nil }
-}
-
-/// The file system a device lives on, as statvfs(3) reports it: counts are in units of
-/// `fragmentSize` for blocks, plain numbers for files.
-public struct StorageSpace: Equatable, Sendable {
-    public var blockSize: UInt64
-    public var fragmentSize: UInt64
-    public var blocks: UInt64
-    public var freeBlocks: UInt64
-    public var availableBlocks: UInt64
-    public var files: UInt64
-    public var freeFiles: UInt64
-    public var availableFiles: UInt64
-
-    public init(blockSize: UInt64, fragmentSize: UInt64, blocks: UInt64, freeBlocks: UInt64,
-                availableBlocks: UInt64, files: UInt64, freeFiles: UInt64, availableFiles: UInt64) {
-        self.blockSize = blockSize
-        self.fragmentSize = fragmentSize
-        self.blocks = blocks
-        self.freeBlocks = freeBlocks
-        self.availableBlocks = availableBlocks
-        self.files = files
-        self.freeFiles = freeFiles
-        self.availableFiles = availableFiles
-    }
+    public func fileSystemStatistics() -> statvfs? { nil }
 }
 
 /// FNV-1a, 64 bits: a hash of a name that stays the same across runs (Swift's Hasher is

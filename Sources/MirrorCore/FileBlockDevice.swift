@@ -142,11 +142,7 @@ public final class FileBlockDevice: BlockDevice {
         UInt64(try system_fstat(cachedFD).get().st_blocks) * 512
     }
 
-    public func storageSpace() -> StorageSpace? {
-        guard let st = try? system_fstatvfs(cachedFD).get() else { return nil }
-        return StorageSpace(blockSize: UInt64(st.f_bsize), fragmentSize: UInt64(st.f_frsize),
-                            blocks: UInt64(st.f_blocks), freeBlocks: UInt64(st.f_bfree),
-                            availableBlocks: UInt64(st.f_bavail), files: UInt64(st.f_files),
-                            freeFiles: UInt64(st.f_ffree), availableFiles: UInt64(st.f_favail))
+    public func fileSystemStatistics() -> statvfs? {
+        try? system_fstatvfs(cachedFD).get()
     }
 }

@@ -1,3 +1,4 @@
+import Glibc
 import Synchronization
 import SystemPackage
 
@@ -153,8 +154,8 @@ public final class MirrorFilter: Sendable {
     }
 
     /// statfs of the mount: the storage of the device served (the target after a pivot).
-    public func storageSpace() -> StorageSpace? {
-        device.storageSpace()
+    public func fileSystemStatistics() -> statvfs? {
+        device.fileSystemStatistics()
     }
 
     /// `.status/job.json`: the job as QEMU's BlockJobInfo, `null` while there is none.

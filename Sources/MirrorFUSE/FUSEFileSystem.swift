@@ -125,19 +125,11 @@ public final class FUSEFileSystem: Sendable {
     /// so `df` shows what writes into the image's holes can still use. Storage that
     /// cannot tell (an NBD export) shows zero blocks.
     func fileSystemStatistics() -> statvfs {
+        if let st = filter.fileSystemStatistics() { return st }
         var st = statvfs()
-        st.f_namemax = 255
         st.f_bsize = 4096
         st.f_frsize = 4096
-        guard let space = filter.storageSpace() else { return st }
-        st.f_bsize = UInt(space.blockSize)
-        st.f_frsize = UInt(space.fragmentSize)
-        st.f_blocks = fsblkcnt_t(space.blocks)
-        st.f_bfree = fsblkcnt_t(space.freeBlocks)
-        st.f_bavail = fsblkcnt_t(space.availableBlocks)
-        st.f_files = fsfilcnt_t(space.files)
-        st.f_ffree = fsfilcnt_t(space.freeFiles)
-        st.f_favail = fsfilcnt_t(space.availableFiles)
+        st.f_namemax = 255
         return st
     }
 

@@ -22,6 +22,15 @@ final class NBDTargetTests: XCTestCase {
         XCTAssertEqual(compare.status, 0, "\(a) vs \(b): " + compare.stdout + compare.stderr, file: file, line: line)
     }
 
+    /// Pivots onto the target, unmounts, and checks the target holds the source's bytes.
+    private func completeUnmountAndCompare(_ mount: Mount, _ source: String, _ target: String,
+                                           file: StaticString = #filePath, line: UInt = #line) throws {
+        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
+        waitUntil("the job is gone", file: file, line: line) { job(mount) == nil }
+        XCTAssertEqual(mount.stop(), 0, file: file, line: line)
+        try assertIdentical(source, target, file: file, line: line)
+    }
+
     /// fio writing 4 KiB blocks through the mount for `seconds`; `result()` gives the exit
     /// status and the largest completion latency any write saw.
     private final class Writers {
@@ -103,10 +112,7 @@ final class NBDTargetTests: XCTestCase {
         XCTAssertGreaterThan(errors.count, 0, "\(result.writes) writes met no injected error")
         XCTAssertTrue(errors.allSatisfy { ($0["data"] as? [String: Any])?["action"] as? String == "ignore" })
         waitUntil("ready") { job(mount)?["status"] as? String == "ready" }
-        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
-        waitUntil("the job is gone") { job(mount) == nil }
-        XCTAssertEqual(mount.stop(), 0)
-        try assertIdentical(source, target)
+        try completeUnmountAndCompare(mount, source, target)
     }
 
     func testOnePercentWriteErrorsWithReportFailTheJobAndNotTheUser() throws {
@@ -166,10 +172,7 @@ final class NBDTargetTests: XCTestCase {
         XCTAssertGreaterThan(result.writes, 1000)
         XCTAssertLessThan(result.maxLatency, deadline + 1, "the slowest user write took \(result.maxLatency) s")
         print("link cut: job stopped \(detection) s after the cut; \(result.writes) user writes, slowest \(result.maxLatency) s")
-        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
-        waitUntil("the job is gone") { job(mount) == nil }
-        XCTAssertEqual(mount.stop(), 0)
-        try assertIdentical(source, exported)
+        try completeUnmountAndCompare(mount, source, exported)
     }
 
     func testHungServerIsDetectedWithinTheDeadline() throws {
@@ -271,10 +274,7 @@ final class NBDTargetTests: XCTestCase {
 
         try check(mirrorfsBinary, ["job", "start", mount.mountpoint, "--target", server.uri])
         waitUntil("ready") { job(mount)?["status"] as? String == "ready" }
-        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
-        waitUntil("the job is gone") { job(mount) == nil }
-        try assertIdentical(source, exported)
-        XCTAssertEqual(mount.stop(), 0)
+        try completeUnmountAndCompare(mount, source, exported)
     }
 
     func testMountRefusesUnusableNBDTargetsWithOneLineAndTouchesNothing() throws {
