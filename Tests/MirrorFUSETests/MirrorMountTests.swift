@@ -28,7 +28,11 @@ final class MirrorMountTests: XCTestCase {
         let source = try scratch.image("disk.raw", size: 256 << 20, randomPieces: [(0, 64 << 20)])
         let target = scratch.file("target.raw")
         let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--target", target])
-        // Four writers over the first half, for the whole test.
+        // Ready first: four saturating writers over 128 MiB re-dirty chunks faster than a
+        // background copier cleans them, so a job that is not ready before they start may
+        // never be (as in QEMU; write-blocking is the remedy this test switches to).
+        waitUntil("ready") { job(mount)?["ready"] as? Bool == true }
+        // Four writers over the first half, for the rest of the test.
         let fio = Process()
         fio.executableURL = URL(fileURLWithPath: try which("fio"))
         fio.arguments = ["--name=load", "--filename=\(mount.image)", "--rw=randwrite", "--bs=4k", "--direct=1",
@@ -36,7 +40,6 @@ final class MirrorMountTests: XCTestCase {
         fio.standardOutput = FileHandle.nullDevice
         try fio.run()
         defer { if fio.isRunning { fio.terminate() }; fio.waitUntilExit() }
-        waitUntil("ready") { job(mount)?["ready"] as? Bool == true }
         usleep(300_000)
         XCTAssertEqual(job(mount)?["actively-synced"] as? Bool, false, "background mode with writers")
         try check(mirrorfsBinary, ["job", "change", mount.mountpoint, "--copy-mode", "write-blocking"])
