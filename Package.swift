@@ -43,15 +43,20 @@ let package = Package(
             name: "MirrorNBD",
             dependencies: ["CNBD", "MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
         ),
+        // One job-setup path for the CLI and QMP: target checks, creation, image locks, the dirty log.
+        .target(
+            name: "MirrorSetup",
+            dependencies: ["MirrorCore", "MirrorNBD"]
+        ),
         // QEMU's Machine Protocol on a unix socket: framing, command table → job verbs.
         .target(
             name: "MirrorQMP",
-            dependencies: ["MirrorCore", "MirrorNBD", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["MirrorCore", "MirrorNBD", "MirrorSetup", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .executableTarget(
             name: "mirrorfs",
             dependencies: [
-                "CLinux", "MirrorCore", "MirrorFUSE", "MirrorNBD", "MirrorQMP",
+                "CLinux", "MirrorCore", "MirrorFUSE", "MirrorNBD", "MirrorQMP", "MirrorSetup",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]

@@ -27,3 +27,14 @@ long clinux_getxattr(const char *path, const char *name, void *value, unsigned l
 int clinux_fallocate(int fd, int mode, off_t offset, off_t length) {
     return fallocate(fd, mode, offset, length);
 }
+
+int clinux_ofd_read_lock(int fd, off_t start) {
+    struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = start, .l_len = 1 };
+    return fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+int clinux_ofd_byte_locked_by_others(int fd, off_t start) {
+    struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = start, .l_len = 1 };
+    if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return -1;
+    return fl.l_type != F_UNLCK;
+}

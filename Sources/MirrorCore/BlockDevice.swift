@@ -43,10 +43,13 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// statvfs(3) of the file system that holds the device (statfs of the mount); nil
     /// when the storage cannot tell.
     func fileSystemStatistics() -> statvfs?
+    /// When the storage last changed (a file's ctime); nil when it cannot tell (NBD).
+    var changeStamp: ChangeStamp? { get }
 }
 
 extension BlockDevice {
     public func retryNow() {}
+    public var changeStamp: ChangeStamp? { nil }
     public func fileSystemStatistics() -> statvfs? { nil }
 }
 

@@ -1,10 +1,20 @@
 import Glibc
 import SystemPackage
 
+/// When a file last changed (its ctime, in nanoseconds); what a clean stop records to tell
+/// whether anyone wrote an image while no server held it.
+public struct ChangeStamp: Equatable, Sendable {
+    public var nanoseconds: UInt64
+    public init(nanoseconds: UInt64) { self.nanoseconds = nanoseconds }
+}
+
 /// A persistent record of which regions of the image may differ between source and target
 /// (md's write-intent bitmap, dm-raid1's disk log): a region's bit is durable before any
 /// write to it reaches the source, and is cleared only after the target has been flushed
 /// with the region clean. After a crash, only logged regions are copied again.
+///
+/// The header also carries the job's persistent life cycle (`Record`), so a log outlives
+/// the job that wrote it: what a restart may trust, and what it must refuse.
 ///
 /// Layout: a 4 KiB header, then one bit per `regionSize` bytes of the image.
 /// Regions are 64 MiB, as md's bitmap chunks on large arrays: the first write to a region
@@ -15,7 +25,7 @@ import SystemPackage
 /// 2 KiB bitmap, and a crash resyncs at most 64 MiB per region written in the last ~10 s.
 public final class DirtyLog: @unchecked Sendable {
     public static let magic: [UInt8] = Array("MIRRORFS-DIRTYLOG".utf8)
-    public static let version: UInt32 = 1
+    public static let version: UInt32 = 2
     public static let headerSize = 4096
     public static let regionSize: UInt64 = 64 << 20
     /// Seconds between sweeps; a region is cleared after two whole intervals without writes.
@@ -29,6 +39,24 @@ public final class DirtyLog: @unchecked Sendable {
             sourceSize = source.size; sourceDevice = source.identity.device; sourceInode = source.identity.inode
             targetSize = target.size; targetDevice = target.identity.device; targetInode = target.identity.inode
         }
+    }
+
+    /// The job's persistent life cycle, one small state machine kept in the header:
+    ///
+    ///     create ──► mirroring ──clean unmount──► stopped ──remount──► mirroring
+    ///                    │  ▲                       (a source or target changed since → full copy)
+    ///                    │  └── crash: stays mirroring, the bits cover every difference
+    ///                    ├──complete──► completed (the image lives in the target: the old
+    ///                    │              mount command is refused)
+    ///                    └──cancel──► (log removed)
+    ///
+    /// A failed job stays `mirroring`: its log keeps marking every write until discarded.
+    public enum Record: Equatable, Sendable {
+        case mirroring
+        /// Cleanly unmounted; the bits hold as long as both images still carry these change stamps.
+        case stopped(source: ChangeStamp, target: ChangeStamp)
+        /// The job pivoted at `time` (seconds since the epoch): the target is the image now.
+        case completed(time: UInt64)
     }
 
     /// Why an existing log was not resumed.
@@ -48,6 +76,10 @@ public final class DirtyLog: @unchecked Sendable {
 
     public let path: String
     public let regionCount: Int
+    /// The target as the job named it (path or URI), kept for messages.
+    public let targetName: String
+    /// What the header says now (guarded by `lock`).
+    private var currentRecord: Record = .mirroring
     private let fd: Int32
     private var header: [UInt8]
     private let lock = ConditionLock()
@@ -64,18 +96,25 @@ public final class DirtyLog: @unchecked Sendable {
 
     private var bitmapBytes: Int { wanted.count * 8 }
 
-    /// Creates (or replaces) the log with `allDirty` regions set, durably.
-    public static func create(path: String, identity: Identity, allDirty: Bool) throws(Errno) -> DirtyLog {
+    /// Creates (or replaces) the log with `allDirty` regions set, durably, in `mirroring`.
+    public static func create(path: String, identity: Identity, allDirty: Bool, targetName: String = "") throws(Errno) -> DirtyLog {
         let fd = try system_open(path + ".new", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600).get()
         var jobID = [UInt8](repeating: 0, count: 16)
         for i in jobID.indices { jobID[i] = UInt8.random(in: 0...255) }
-        let log = DirtyLog(path: path, fd: fd, identity: identity, generation: 1, jobID: jobID, allDirty: allDirty)
-        try log.writeWhole()
+        let log = DirtyLog(path: path, fd: fd, identity: identity, generation: 1, jobID: jobID, allDirty: allDirty,
+                           targetName: targetName)
+        do {
+            try log.writeWhole()
+        } catch {
+            unlink(path + ".new")
+            throw error
+        }
         guard rename(path + ".new", path) == 0 else { throw Errno(rawValue: errno) }
         return log
     }
 
-    /// Opens an existing log for `identity`; on success the generation is bumped.
+    /// Opens an existing log for `identity` without changing it: `record` tells what the
+    /// last server left; `begin()` makes it the running job's log.
     public static func resume(path: String, identity: Identity) throws(Rejection) -> DirtyLog {
         guard case .success(let fd) = system_open(path, O_RDWR | O_CLOEXEC) else { throw .missing }
         var header = [UInt8](repeating: 0, count: headerSize)
@@ -90,7 +129,12 @@ public final class DirtyLog: @unchecked Sendable {
         guard stored == identity else { close(fd); throw .identityMismatch }
         let generation = header.load(UInt64.self, at: 32)
         let jobID = Array(header[40..<56])
-        let log = DirtyLog(path: path, fd: fd, identity: identity, generation: generation + 1, jobID: jobID, allDirty: false)
+        guard let record = Record(header: header) else { close(fd); throw .badMagic }
+        let nameLength = min(Int(header.load(UInt32.self, at: 160)), Self.maximumTargetName)
+        let targetName = String(decoding: header[164..<164 + nameLength], as: UTF8.self)
+        let log = DirtyLog(path: path, fd: fd, identity: identity, generation: generation + 1, jobID: jobID, allDirty: false,
+                           targetName: targetName)
+        log.currentRecord = record
         var bitmap = [UInt8](repeating: 0, count: log.bitmapBytes)
         guard case .success(let got) = bitmap.withUnsafeMutableBytes({ system_preadFully(fd, $0, at: UInt64(headerSize)) }),
               got == bitmap.count else { close(fd); throw .truncated }
@@ -98,13 +142,16 @@ public final class DirtyLog: @unchecked Sendable {
             for i in log.wanted.indices { log.wanted[i] = raw.load(fromByteOffset: i * 8, as: UInt64.self) }
         }
         log.durable = log.wanted
-        do { try log.writeHeader() } catch { close(fd); throw .truncated }
         return log
     }
 
-    private init(path: String, fd: Int32, identity: Identity, generation: UInt64, jobID: [UInt8], allDirty: Bool) {
+    static let maximumTargetName = 1024
+
+    private init(path: String, fd: Int32, identity: Identity, generation: UInt64, jobID: [UInt8], allDirty: Bool,
+                 targetName: String) {
         self.path = path
         self.fd = fd
+        self.targetName = String(decoding: Array(targetName.utf8).prefix(Self.maximumTargetName), as: UTF8.self)
         regionCount = Int((identity.sourceSize + Self.regionSize - 1) / Self.regionSize)
         let words = (regionCount + 63) / 64
         wanted = [UInt64](repeating: 0, count: words)
@@ -123,7 +170,30 @@ public final class DirtyLog: @unchecked Sendable {
         identity.store(into: &header)
         header.store(Self.regionSize, at: 112)
         header.store(UInt64(regionCount), at: 120)
+        let name = Array(self.targetName.utf8)
+        header.store(UInt32(name.count), at: 160)
+        header.replaceSubrange(164..<164 + name.count, with: name)
+        Record.mirroring.store(into: &header)
         header.store(crc32(header, excluding: 28..<32), at: 28)
+    }
+
+    // MARK: - Life cycle
+
+    public var record: Record { lock.withLock { currentRecord } }
+
+    /// A server takes the log for its job: `mirroring`, generation bumped, durably.
+    public func begin() throws(Errno) {
+        try setRecord(.mirroring)
+    }
+
+    /// Writes `record` into the header durably (pwrite + fdatasync).
+    public func setRecord(_ record: Record) throws(Errno) {
+        try lock.withLock { () throws(Errno) in
+            record.store(into: &header)
+            header.store(crc32(header, excluding: 28..<32), at: 28)
+            try writeHeader()
+            currentRecord = record
+        }
     }
 
     deinit { close(fd) }
@@ -254,7 +324,8 @@ public final class DirtyLog: @unchecked Sendable {
         }
     }
 
-    /// The job ended (completed or cancelled): the log no longer describes anything.
+    /// The job was cancelled, or a new job replaces a failed one: the log no longer
+    /// describes anything.
     public func retire() {
         unlink(path)
     }
@@ -287,6 +358,32 @@ extension DirtyLog.Identity {
     func store(into header: inout [UInt8]) {
         header.store(sourceSize, at: 64); header.store(sourceDevice, at: 72); header.store(sourceInode, at: 80)
         header.store(targetSize, at: 88); header.store(targetDevice, at: 96); header.store(targetInode, at: 104)
+    }
+}
+
+extension DirtyLog.Record {
+    init?(header: [UInt8]) {
+        switch header.load(UInt32.self, at: 128) {
+        case 1: self = .mirroring
+        case 2: self = .stopped(source: ChangeStamp(nanoseconds: header.load(UInt64.self, at: 136)),
+                                target: ChangeStamp(nanoseconds: header.load(UInt64.self, at: 144)))
+        case 3: self = .completed(time: header.load(UInt64.self, at: 152))
+        default: return nil
+        }
+    }
+
+    func store(into header: inout [UInt8]) {
+        switch self {
+        case .mirroring:
+            header.store(UInt32(1), at: 128)
+        case let .stopped(source, target):
+            header.store(UInt32(2), at: 128)
+            header.store(source.nanoseconds, at: 136)
+            header.store(target.nanoseconds, at: 144)
+        case let .completed(time):
+            header.store(UInt32(3), at: 128)
+            header.store(time, at: 152)
+        }
     }
 }
 

@@ -118,6 +118,11 @@ public final class FileBlockDevice: BlockDevice {
         try system_pwriteFully(cachedFD, buffer, at: offset).get()
     }
 
+    /// Takes QEMU's image locks on the file for as long as the device lives (`ImageLock`).
+    public func lock() throws(ImageLockError) {
+        try ImageLock.acquire(fd: cachedFD, path: path, writable: !isReadOnly)
+    }
+
     public func flush(dataOnly: Bool) throws(Errno) {
         try system_sync(cachedFD, dataOnly: dataOnly).get()
     }
@@ -140,6 +145,11 @@ public final class FileBlockDevice: BlockDevice {
 
     public func allocatedBytes() throws(Errno) -> UInt64 {
         UInt64(try system_fstat(cachedFD).get().st_blocks) * 512
+    }
+
+    public var changeStamp: ChangeStamp? {
+        guard case .success(let st) = system_fstat(cachedFD) else { return nil }
+        return ChangeStamp(nanoseconds: UInt64(st.st_ctim.tv_sec) * 1_000_000_000 + UInt64(st.st_ctim.tv_nsec))
     }
 
     public func fileSystemStatistics() -> statvfs? {

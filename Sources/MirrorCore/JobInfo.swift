@@ -21,7 +21,9 @@ public struct BlockJobInfo: Sendable, Equatable {
     public var copyMode: CopyMode
     public var dirtyBytes: UInt64
     public var resyncBytes: UInt64?
-
+    public var resyncReason: String?
+    public var target: String?
+    public var dirtyLog: String?
 }
 
 extension BlockJobInfo {
@@ -38,6 +40,9 @@ extension BlockJobInfo {
         members += [("actively-synced", .bool(activelySynced)), ("copy-mode", .string(copyMode.rawValue)),
                     ("dirty-bytes", .int(Int64(dirtyBytes)))]
         if let resyncBytes { members.append(("resync-bytes", .int(Int64(resyncBytes)))) }
+        if let resyncReason { members.append(("resync-reason", .string(resyncReason))) }
+        if let target { members.append(("target", .string(target))) }
+        members.append(("dirty-log", dirtyLog.map { .string($0) } ?? .null))
         return .object(members)
     }
 

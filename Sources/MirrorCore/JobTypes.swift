@@ -91,6 +91,10 @@ public struct MirrorOptions: Sendable {
     public var resumeFromLog = false
     /// Reported as `resync-bytes`: what a restart had to copy again (nil for a new job).
     public var resyncBytes: UInt64?
+    /// Reported as `resync-reason`: why a restart copies what it copies.
+    public var resyncReason: String?
+    /// The target as given (path or URI), reported as `target`.
+    public var targetName: String?
 
     public init(jobID: String) { self.jobID = jobID }
 

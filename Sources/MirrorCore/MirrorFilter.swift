@@ -30,7 +30,14 @@ public final class MirrorFilter: Sendable {
         var writer: MirrorJob?
         /// The job queries show, until it reaches `null`.
         var visible: MirrorJob?
+        /// A failed job whose dirty log every write marks until a new job takes it over or
+        /// it is discarded: a restart copies what was written after the failure too.
+        var failedJob: MirrorJob?
     }
+    /// Writes on their way to a device without a job (they read `writer == nil`): a job
+    /// that starts waits for them, as QEMU drains before inserting its filter, so no
+    /// write lands unseen after the job's first scan.
+    private let unmirroredWrites = Atomic<Int>(0)
     /// Leaf lock, taken per request only to read the routing; never held across I/O.
     private let routing: Mutex<Routing>
 
@@ -54,7 +61,8 @@ public final class MirrorFilter: Sendable {
     // MARK: - Jobs
 
     /// Starts a mirror of the image to `target` (one job at a time, as one device has one
-    /// mirror in QEMU).
+    /// mirror in QEMU). A failed job's log that `log` is not is discarded: the new job
+    /// replaces it.
     @discardableResult
     public func startMirror(to target: any BlockDevice, options: MirrorOptions, log: DirtyLog? = nil) throws(JobError) -> MirrorJob {
         guard !isReadOnly else { throw JobError("Block node is read-only") }
@@ -62,15 +70,49 @@ public final class MirrorFilter: Sendable {
             options: options, source: device, target: target, log: log,
             emit: { [weak self] event in self?.record(event) },
             lifecycle: { [weak self] change in self?.jobChanged(change) })
-        try routing.withLock { (r: inout Routing) throws(JobError) in
+        let replaced = try routing.withLock { (r: inout Routing) throws(JobError) -> DirtyLog? in
             if let current = r.visible {
                 throw JobError("Job ID '\(current.id)' already in use")
             }
             r.writer = job
             r.visible = job
+            defer { r.failedJob = nil }
+            return r.failedJob?.log
         }
+        // Drain: writes that missed the job finish before it scans or reads its log.
+        while unmirroredWrites.load(ordering: .sequentiallyConsistent) > 0 { usleep(100) }
+        if let replaced, replaced !== log { replaced.retire() }
         job.start()
         return job
+    }
+
+    /// The dirty log a failed job left marking, if any.
+    public var failedJobLog: DirtyLog? { routing.withLock { $0.failedJob?.log } }
+
+    /// Discards a failed job's log (`job cancel` after the failure); returns it.
+    public func discardFailedJobLog() -> DirtyLog? {
+        let log = routing.withLock { r in
+            defer { r.failedJob = nil }
+            return r.failedJob?.log
+        }
+        while unmirroredWrites.load(ordering: .sequentiallyConsistent) > 0 { usleep(100) }
+        log?.retire()
+        return log
+    }
+
+    /// The mount ends (no request can arrive any more): background copies stop, source
+    /// and target are flushed, and a job's log — running or failed — records a clean stop
+    /// with both images' change stamps, so a restart that finds either changed copies all.
+    public func close() {
+        let (writer, failed) = routing.withLock { ($0.writer, $0.failedJob) }
+        writer?.stopForShutdown()
+        try? device.flush(dataOnly: false)
+        guard let job = writer ?? failed, let log = job.log, log.record == .mirroring else { return }
+        _ = try? job.target.flush(dataOnly: false)
+        // An NBD export has no stamp (0): only the source's is checked then.
+        if let sourceStamp = device.changeStamp {
+            try? log.setRecord(.stopped(source: sourceStamp, target: job.target.changeStamp ?? ChangeStamp(nanoseconds: 0)))
+        }
     }
 
     private func record(_ event: JobEvent) {
@@ -81,8 +123,9 @@ public final class MirrorFilter: Sendable {
     private func jobChanged(_ change: MirrorJob.Lifecycle) {
         routing.withLock { r in
             switch change {
-            case .detach(let pivot):
+            case .detach(let pivot, let keepLogging):
                 if pivot, let job = r.writer { r.device = job.target }
+                r.failedJob = keepLogging != nil ? r.writer : nil
                 r.writer = nil
             case .dismissed:
                 r.visible = nil
@@ -111,10 +154,18 @@ public final class MirrorFilter: Sendable {
     /// Sends a write to the job while one sees writes, else straight to the device.
     private func route(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy) throws(Errno) {
         while true {
-            let (device, writer) = routing.withLock { ($0.device, $0.writer) }
+            unmirroredWrites.add(1, ordering: .sequentiallyConsistent)
+            let (device, writer, log) = routing.withLock { ($0.device, $0.writer, $0.failedJob?.log) }
             guard let writer else {
+                defer { unmirroredWrites.subtract(1, ordering: .sequentiallyConsistent) }
+                guard let log else {
+                    return try write.apply(to: device, at: offset, skip: 0, length: write.length, cache: cache)
+                }
+                try log.mark(offset: offset, length: write.length)
+                defer { log.finished(offset: offset, length: write.length) }
                 return try write.apply(to: device, at: offset, skip: 0, length: write.length, cache: cache)
             }
+            unmirroredWrites.subtract(1, ordering: .sequentiallyConsistent)
             if try writer.filterWrite(write, at: offset, cache: cache) == .done { return }
         }
     }

@@ -13,13 +13,20 @@ public enum ImageWrite {
         }
     }
 
-    /// The same operation on [offset+skip, offset+skip+length) of `device`.
-    func apply(to device: any BlockDevice, at offset: UInt64, skip: UInt64, length: UInt64, cache: CachePolicy) throws(Errno) {
+    /// The same operation on [offset+skip, offset+skip+length) of `device`. On a target,
+    /// a hole or zero range the file system cannot make becomes written zeroes (QEMU);
+    /// on the source the user gets the source's errno.
+    func apply(to device: any BlockDevice, at offset: UInt64, skip: UInt64, length: UInt64, cache: CachePolicy,
+               isTarget: Bool = false) throws(Errno) {
         guard length > 0 else { return }
         switch self {
         case .data(let buffer):
             let slice = UnsafeRawBufferPointer(rebasing: buffer[Int(skip)..<Int(skip + length)])
             try device.write(slice, at: offset + skip, cache: cache)
+        case .punchHole where isTarget:
+            try writeZeroes(to: device, at: offset + skip, length: length, preferHole: true)
+        case .zeroRange where isTarget:
+            try writeZeroes(to: device, at: offset + skip, length: length, preferHole: false)
         case .punchHole:
             try device.punchHole(at: offset + skip, length: length)
         case .zeroRange:
@@ -64,6 +71,9 @@ extension MirrorJob {
                 while (chunks.contains { state.inFlight.isDirty($0) }) { lock.wait() }
                 state.waitingActive.remove(at: state.waitingActive.firstIndex(of: chunks)!)
                 state.inFlight.set(chunks)
+            } else {
+                state.unmirroredWrites += 1
+                activelySyncedValue.store(false, ordering: .releasing)
             }
             return (copied, chunks)
         }
@@ -76,7 +86,7 @@ extension MirrorJob {
                 try log.mark(offset: offset, length: length)
             } catch {
                 lock.withLock {
-                    if copied { state.inFlight.clear(chunks) }
+                    if copied { state.inFlight.clear(chunks) } else { state.unmirroredWrites -= 1 }
                     state.filterWrites -= 1
                     lock.broadcast()
                 }
@@ -94,10 +104,17 @@ extension MirrorJob {
             if !copied {
                 activelySyncedValue.store(false, ordering: .releasing)
                 state.dirty.set(chunks)
+                state.unmirroredWrites -= 1
                 lock.broadcast()
                 return
             }
-            guard case .success = sourceResult else { return }
+            guard case .success = sourceResult else {
+                // A failed source write may have changed part of the range (a short write
+                // before ENOSPC): the copier brings whatever the source now holds over.
+                activelySyncedValue.store(false, ordering: .releasing)
+                state.dirty.set(chunks)
+                return
+            }
             if offset % granularity != 0 && state.dirty.isDirty(Int(offset / granularity)) {
                 head = min((offset / granularity + 1) * granularity - offset, length)
             }
@@ -114,7 +131,7 @@ extension MirrorJob {
         var targetFailure: Errno?
         if copied, case .success = sourceResult, head < tail {
             do {
-                try write.apply(to: target, at: offset, skip: head, length: tail - head, cache: cache)
+                try write.apply(to: target, at: offset, skip: head, length: tail - head, cache: cache, isTarget: true)
             } catch {
                 targetFailure = error
             }
@@ -122,7 +139,7 @@ extension MirrorJob {
 
         // active_write_settle
         log?.finished(offset: offset, length: length)
-        lock.withLock {
+        locked {
             if copied {
                 if case .success = sourceResult, head < tail {
                     state.activeBytesInFlight -= tail - head
@@ -154,7 +171,7 @@ extension MirrorJob {
     public func flushTargetForUser() {
         guard copyMode == .writeBlocking, lock.withLock({ targetUsable }) else { return }
         if case .failure(let error) = Result(catching: { () throws(Errno) in try target.flush(dataOnly: true) }) {
-            lock.withLock { errorAction(isRead: false, error: error) }
+            locked { errorAction(isRead: false, error: error) }
         }
     }
 }

@@ -12,7 +12,7 @@ extension MirrorJob {
     /// Starts the job: created → running, writes tracked from this moment (before any scan,
     /// so no write can slip between scan and tracking), then the job thread and copy workers.
     public func start() {
-        lock.withLock {
+        locked {
             transition(to: .created)
             transition(to: .running)
         }
@@ -88,7 +88,7 @@ extension MirrorJob {
             var launched = false
             var rateDelay: Double = 0
             if state.ioStatus == .ok && dirtyBytes > 0 && state.backgroundOps < Self.maxInFlight
-                && monotonicNow() >= state.retryAt {
+                && monotonicNow() >= state.retryAt && !state.shuttingDown {
                 rateDelay = state.becameReady ? 0 : rateLimitDelay()
                 if rateDelay == 0 { launched = iterate() }
             }
@@ -100,7 +100,8 @@ extension MirrorJob {
                     if state.dirty.dirtyChunks > 0 || state.backgroundOps > 0 { continue }
                     enterReady()
                 }
-                if copyMode != .background && state.activeBytesInFlight == 0 {
+                if copyMode != .background && state.activeBytesInFlight == 0 && state.unmirroredWrites == 0
+                    && state.error == nil && state.ioStatus == .ok {
                     activelySyncedValue.store(true, ordering: .releasing)
                 }
                 if state.completeRequested || state.cancelRequested {
@@ -109,16 +110,16 @@ extension MirrorJob {
                 }
             }
             if launched { continue }
-            if log != nil && monotonicNow() - state.lastSweep >= DirtyLog.sweepInterval { sweepLog() }
+            if log != nil && !state.shuttingDown && monotonicNow() - state.lastSweep >= DirtyLog.sweepInterval { sweepLog() }
             // Nothing to start now: wait for a completion, a write, a verb, or time.
             state.busy = state.backgroundOps > 0
             if rateDelay > 0 {
-                lock.wait(timeout: rateDelay)
+                waitForChange(timeout: rateDelay)
             } else if state.retryAt > monotonicNow() {
-                lock.wait(timeout: state.retryAt - monotonicNow())
+                waitForChange(timeout: state.retryAt - monotonicNow())
             } else {
                 // QEMU's BLOCK_JOB_SLICE_TIME: any change broadcasts sooner.
-                lock.wait(timeout: 0.1)
+                waitForChange(timeout: 0.1)
             }
         }
     }
@@ -157,21 +158,32 @@ extension MirrorJob {
         return true
     }
 
-    /// Runs `body` with the lock released.
+    /// Runs `body` with the lock released (queued events leave first).
     func unlocked<R>(_ body: () -> R) -> R {
         lock.unlock()
         defer { lock.lock() }
+        deliverEvents()
         return body()
+    }
+
+    /// The job thread's wait: queued events leave first (then the caller re-checks what it
+    /// waits for), else a broadcast or `timeout`. Lock held.
+    func waitForChange(timeout: Double? = nil) {
+        if !state.outbox.isEmpty {
+            unlocked {}
+            return
+        }
+        lock.wait(timeout: timeout)
     }
 
     /// A user pause or an error stop takes effect: wait for background I/O, then
     /// running → paused / ready → standby until resumed or force-cancelled. Lock held.
     private func pausePoint() {
-        while state.backgroundOps > 0 { lock.wait() }
+        while state.backgroundOps > 0 { waitForChange() }
         let wasReady = state.status == .ready
         transition(to: wasReady ? .standby : .paused)
         state.busy = false
-        while state.userPaused && !state.forceCancelled { lock.wait() }
+        while state.userPaused && !state.forceCancelled { waitForChange() }
         transition(to: wasReady ? .ready : .running)
     }
 
@@ -238,7 +250,7 @@ extension MirrorJob {
             }
             guard let operation = next else { return }
             let failure = perform(operation, buffer: buffer)
-            lock.withLock { operationDone(operation, failure: failure) }
+            locked { operationDone(operation, failure: failure) }
         }
     }
 
@@ -295,11 +307,7 @@ extension MirrorJob {
 
     /// Makes the target range read as zeroes, as a hole where the target can.
     private func zeroTarget(at offset: UInt64, length: UInt64) throws(Errno) {
-        do {
-            try target.punchHole(at: offset, length: length)
-        } catch .notSupported {
-            try target.zeroRange(at: offset, length: length)
-        }
+        try writeZeroes(to: target, at: offset, length: length, preferHole: true)
     }
 
     /// mirror_iteration_done: release the chunks; on failure re-dirty and apply the policy. Lock held.
@@ -350,7 +358,7 @@ extension MirrorJob {
     /// filter has switched over. Lock held.
     private func converge() -> Bool {
         state.drained = true
-        while state.filterWrites > 0 { lock.wait() }
+        while state.filterWrites > 0 { waitForChange() }
         if state.dirty.dirtyChunks > 0 || state.backgroundOps > 0 {
             state.drained = false
             lock.broadcast()
@@ -361,13 +369,27 @@ extension MirrorJob {
             lock.broadcast()
             return false
         }
+        if state.completeRequested, let log {
+            // Durable before the pivot: from here on the source is stale, and a restart of
+            // the old mount command must say so instead of copying it back. (A crash before
+            // the pivot takes effect finds target == source, writes held.)
+            let recorded = unlocked { Result { () throws(Errno) in
+                try log.setRecord(.completed(time: UInt64(max(0, time(nil)))))
+            } }
+            if case .failure(let error) = recorded {
+                errorAction(isRead: false, error: error)
+                state.drained = false
+                lock.broadcast()
+                return false
+            }
+        }
         return true
     }
 
     private func exit(with outcome: JobOutcome) {
         lock.lock()
         // Background operations finish before the job lets go (asserted by QEMU at exit too).
-        while state.backgroundOps > 0 { lock.wait() }
+        while state.backgroundOps > 0 { waitForChange() }
         state.workersExit = true
         state.queue.removeAll()
         lock.broadcast()
@@ -381,7 +403,7 @@ extension MirrorJob {
             transition(to: .pending)
             if !options.autoFinalize {
                 emit(JobEvent(.pending(id: id)))
-                while !state.finalizeRequested && !state.forceCancelled { lock.wait() }
+                while !state.finalizeRequested && !state.forceCancelled { waitForChange() }
             }
             if state.forceCancelled {
                 letGo(pivot: false)
@@ -394,7 +416,7 @@ extension MirrorJob {
             }
         case .failed(let message):
             state.error = state.error ?? message
-            letGo(pivot: false)
+            letGo(pivot: false, keepLogging: true)
             transition(to: .aborting)
             emit(JobEvent(.completed(device: id, len: len, offset: state.progressCurrent, speed: state.speed, error: state.error)))
         case .cancelled:
@@ -403,22 +425,25 @@ extension MirrorJob {
             emit(JobEvent(.cancelled(device: id, len: len, offset: state.progressCurrent, speed: state.speed)))
         }
         if state.error != nil || state.forceCancelled { activelySyncedValue.store(false, ordering: .releasing) }
-        // Completed or cancelled: the log no longer describes anything. A failed job keeps
-        // it, so a restart still knows where the target differs.
-        if state.error == nil { log?.retire() }
+        // Cancelled: the log no longer describes anything. Completed: it holds the record
+        // that the image moved. A failed job keeps it, marked by every later write, so a
+        // restart still knows where the target differs.
+        if state.error == nil, case .cancelled = outcome { log?.retire() }
+        if state.error == nil, case .converged = outcome, !state.completeRequested || state.forceCancelled { log?.retire() }
         transition(to: .concluded)
         if !options.autoDismiss {
-            while !state.dismissRequested { lock.wait() }
+            while !state.dismissRequested { waitForChange() }
         }
         transition(to: .null)
         lock.unlock()
+        deliverEvents()
         lifecycle(.dismissed)
     }
 
     /// The filter stops routing writes through the job (after switching to the target on
     /// pivot); writes held by the drain resume against the device now served. Lock held.
-    private func letGo(pivot: Bool) {
-        unlocked { lifecycle(.detach(pivot: pivot)) }
+    private func letGo(pivot: Bool, keepLogging: Bool = false) {
+        unlocked { lifecycle(.detach(pivot: pivot, keepLogging: keepLogging ? log : nil)) }
         state.detached = true
         state.drained = false
         lock.broadcast()

@@ -37,14 +37,20 @@ public final class MirrorJob: @unchecked Sendable {
     /// Guarded by `lock`.
     var state: State
 
-    let emit: @Sendable (JobEvent) -> Void
+    /// Where events go (the filter: events.jsonl, QMP, the log), called with the job lock
+    /// released: `emit` queues under the lock, `deliverEvents` hands the queue over after.
+    let sink: @Sendable (JobEvent) -> Void
+    /// Serializes delivery, so events leave in the order they were queued.
+    let delivery = Mutex<Void>(())
     let lifecycle: @Sendable (Lifecycle) -> Void
 
     /// What the job tells the filter that serves the image, on the job thread.
     public enum Lifecycle: Sendable {
         /// The job lets go of the image's writes; `pivot`: serve the target from now on
-        /// (the source is not touched again).
-        case detach(pivot: Bool)
+        /// (the source is not touched again). `keepLogging`: the job failed, and its dirty
+        /// log must go on marking every write until it is discarded, so that a restart
+        /// still copies them.
+        case detach(pivot: Bool, keepLogging: DirtyLog?)
         /// The job reached `null` and is gone from queries.
         case dismissed
     }
@@ -75,7 +81,15 @@ public final class MirrorJob: @unchecked Sendable {
         var busy = true
         /// Filter writes between entry and exit; `drained` holds new ones back (completion).
         var filterWrites = 0
+        /// Writes decided "not mirrored" that have not yet marked their range dirty:
+        /// actively-synced waits for them (a write that saw background mode just before a
+        /// switch to write-blocking).
+        var unmirroredWrites = 0
         var drained = false
+        /// The mount is ending: no new background work; the log records a clean stop.
+        var shuttingDown = false
+        /// Events queued under the lock, delivered after it is released.
+        var outbox: [JobEvent] = []
         /// The job no longer sees writes: they go straight to the device the filter serves.
         var detached = false
         /// Background work queued for the copy workers, and whether they should exit.
@@ -116,7 +130,7 @@ public final class MirrorJob: @unchecked Sendable {
         self.state = State(dirty: ChunkBitmap(size: source.size, granularity: granularity),
                            inFlight: ChunkBitmap(size: source.size, granularity: granularity),
                            speed: options.speed)
-        self.emit = emit
+        self.sink = emit
         self.lifecycle = lifecycle
     }
 
@@ -127,6 +141,28 @@ public final class MirrorJob: @unchecked Sendable {
     public var activelySynced: Bool { activelySyncedValue.load(ordering: .acquiring) }
 
     // MARK: - State machine
+
+    /// Queues an event; it leaves after the lock is released (`deliverEvents`). Lock held.
+    func emit(_ event: JobEvent) {
+        state.outbox.append(event)
+    }
+
+    /// Hands queued events to the sink, in order. Lock not held.
+    func deliverEvents() {
+        delivery.withLock { _ in
+            let events: [JobEvent] = lock.withLock {
+                defer { state.outbox.removeAll() }
+                return state.outbox
+            }
+            for event in events { sink(event) }
+        }
+    }
+
+    /// The lock around `body`, then delivery of what it emitted.
+    func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        defer { deliverEvents() }
+        return try lock.withLock(body)
+    }
 
     /// Moves to `next` (QEMU's JobSTT) and emits JOB_STATUS_CHANGE when it differs. Lock held.
     func transition(to next: JobStatus) {
@@ -237,6 +273,16 @@ public final class MirrorJob: @unchecked Sendable {
         }
     }
 
+    /// The mount ends: no new background copies; returns once those running are done,
+    /// so nothing writes the target after the caller's last flush.
+    public func stopForShutdown() {
+        lock.withLock {
+            state.shuttingDown = true
+            lock.broadcast()
+            while state.backgroundOps > 0 { lock.wait() }
+        }
+    }
+
     // MARK: - Queries
 
     public var status: JobStatus { lock.withLock { state.status } }
@@ -253,7 +299,8 @@ public final class MirrorJob: @unchecked Sendable {
                 ready: state.status == .ready || state.status == .standby, status: state.status,
                 autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, error: state.error,
                 activelySynced: activelySynced, copyMode: copyMode, dirtyBytes: dirtyBytes,
-                resyncBytes: options.resyncBytes)
+                resyncBytes: options.resyncBytes, resyncReason: options.resyncReason,
+                target: options.targetName, dirtyLog: log?.path)
         }
     }
 

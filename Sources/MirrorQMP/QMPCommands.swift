@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import MirrorCore
 import MirrorNBD
+import MirrorSetup
 import SystemPackage
 
 /// A QMP error: QEMU's class and text.
@@ -55,12 +56,16 @@ public final class QMPCommands: Sendable {
     public static let qemuVersion = (major: 8, minor: 2, micro: 0)
     public let package: String
     private let filter: MirrorFilter
-    private let imageName: String
+    /// The job-setup path `mount --target` uses too.
+    private let setup: JobSetup
+    private var imageName: String { setup.imageName }
     private let onQuit: @Sendable () -> Void
     /// The request deadline of NBD targets that drive-mirror opens.
     private let nbdTimeout: Double
-    /// The daemon's I/O buffers, shared with the source: a job's target takes no pool of its own.
-    private let bufferPool: AlignedBufferPool
+    /// The daemon's log.
+    private let log: @Sendable (String) -> Void
+    /// QEMU's rule for downstream extensions: `__RFQDN_name`.
+    public static let extensionPrefix = "__org.mirrorfs_"
 
     private struct Command {
         let parameters: [Parameter]
@@ -86,14 +91,16 @@ public final class QMPCommands: Sendable {
     }
     private let table: [String: Command]
 
-    public init(filter: MirrorFilter, imageName: String, package: String, bufferPool: AlignedBufferPool,
-                nbdTimeout: Double = NBDBlockDevice.defaultTimeout, onQuit: @escaping @Sendable () -> Void) {
+    public init(filter: MirrorFilter, setup: JobSetup, package: String,
+                nbdTimeout: Double = NBDBlockDevice.defaultTimeout, log: @escaping @Sendable (String) -> Void = { _ in },
+                onQuit: @escaping @Sendable () -> Void) {
         self.filter = filter
-        self.bufferPool = bufferPool
+        self.setup = setup
         self.nbdTimeout = nbdTimeout
-        self.imageName = imageName
         self.package = package
+        self.log = log
         self.onQuit = onQuit
+        let ext = Self.extensionPrefix
         let device = Parameter.req("device", .string)
         let id = Parameter.req("id", .string)
         let errorPolicy = Parameter.Kind.enumeration(["report", "ignore", "enospc", "stop", "auto"])
@@ -118,7 +125,14 @@ public final class QMPCommands: Sendable {
                 .opt("on-target-error", errorPolicy), .opt("unmap", .bool),
                 .opt("copy-mode", .enumeration(["background", "write-blocking"])),
                 .opt("auto-finalize", .bool), .opt("auto-dismiss", .bool),
+                .opt(ext + "state-dir", .string),
             ]) { c, a throws(QMPError) in try c.driveMirror(a) },
+            // A failed job's log, kept marking writes, is dropped (the CLI's `job cancel` then).
+            ext + "discard-dirty-log": Command(parameters: []) { c, _ throws(QMPError) in
+                guard let log = c.filter.discardFailedJobLog() else { throw .generic("No dirty log of a failed job is kept") }
+                c.log("discarded the dirty log \(log.path) of the failed job")
+                return .object([("dirty-log", .string(log.path)), ("target", .string(log.targetName))])
+            },
             "block-job-change": Self.blockJobVerb(id, [.req("type", .enumeration(["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load", "snapshot-save", "snapshot-delete"])),
                                                   .req("copy-mode", .enumeration(["background", "write-blocking"]))]) { job, a throws(JobError) in
                 try job.change(copyMode: CopyMode(rawValue: a.string("copy-mode")!)!)
@@ -301,14 +315,12 @@ public final class QMPCommands: Sendable {
         options.copyMode = a.string("copy-mode") == "write-blocking" ? .writeBlocking : .background
         options.autoFinalize = a.bool("auto-finalize") ?? true
         options.autoDismiss = a.bool("auto-dismiss") ?? true
-        do { try options.validate() } catch { throw .generic(error.description) }
-        if filter.job != nil {
-            throw .generic("Node '\(imageName)' is busy: block device is in use by block job: mirror")
-        }
-        let target = try openTarget(path: a.string("target")!, existing: a.string("mode") == "existing")
-        options.targetIsZero = a.string("mode") != "existing"
+        let mode: JobRequest.TargetMode = a.string("mode") == "existing" ? .existing : .create
+        let request = JobRequest(target: a.string("target")!, mode: mode, options: options,
+                                 stateDirectory: .init(argument: a.string(Self.extensionPrefix + "state-dir")),
+                                 nbdTimeout: nbdTimeout)
         do {
-            try filter.startMirror(to: target, options: options)
+            try setup.start(request, on: filter, log: log)
         } catch {
             throw .generic(error.description)
         }
@@ -321,50 +333,6 @@ public final class QMPCommands: Sendable {
         case "ignore": return .ignore
         case "stop": return .stop
         case let other?: throw .generic("Parameter 'on-error' does not accept value '\(other)' for a mirror job")
-        }
-    }
-
-    /// `mode` absolute-paths (default) creates the target sparse with the source's size and
-    /// refuses an existing path; `existing` opens what is there.
-    private func openTarget(path: String, existing: Bool) throws(QMPError) -> any BlockDevice {
-        if NBDBlockDevice.isURI(path) {
-            // An export exists already; like QEMU, the nbd driver cannot create one.
-            guard existing else { throw .generic("Driver 'nbd' does not support image creation") }
-            let device: NBDBlockDevice
-            do {
-                device = try NBDBlockDevice(uri: path, timeout: nbdTimeout)
-            } catch {
-                throw .generic(error.description)
-            }
-            guard device.size == filter.size else {
-                throw .generic("Source and target image have different sizes")
-            }
-            return device
-        }
-        var st = stat()
-        if stat(path, &st) == 0, let source = filter.device as? FileBlockDevice,
-           UInt64(st.st_dev) == source.device && UInt64(st.st_ino) == source.inode {
-            throw .generic("Can't mirror node into itself")
-        }
-        if existing {
-            do {
-                return try FileBlockDevice(path: path, readOnly: false, bufferPool: bufferPool)
-            } catch {
-                throw .generic("Could not open '\(path)': \(String(cString: strerror(error.rawValue)))")
-            }
-        }
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw .generic("Could not create '\(path)': \(String(cString: strerror(errno)))") }
-        let sized = ftruncate(fd, off_t(filter.size)) == 0
-        close(fd)
-        guard sized else {
-            unlink(path)
-            throw .generic("Could not resize '\(path)': \(String(cString: strerror(errno)))")
-        }
-        do {
-            return try FileBlockDevice(path: path, readOnly: false, bufferPool: bufferPool)
-        } catch {
-            throw .generic("Could not open '\(path)': \(String(cString: strerror(error.rawValue)))")
         }
     }
 }

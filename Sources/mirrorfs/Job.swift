@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import MirrorCore
 import MirrorNBD
+import MirrorQMP
 
 extension Mirrorfs {
     struct Job: ParsableCommand {
@@ -39,18 +40,12 @@ extension Mirrorfs.Job {
             let client = try ControlClient(mountpoint: mountpoint)
             let entries = try FileManager.default.contentsOfDirectory(atPath: mountpoint).filter { $0 != ".status" }
             guard let imageName = entries.first else { throw CLIError("'\(mountpoint)' shows no image") }
+            // The daemon checks the target, as for `mount --target` (one setup path); the
+            // CLI only picks the mode that means "create it, or reuse it".
             let isNBD = NBDBlockDevice.isURI(target)
-            var st = stat()
-            let exists = isNBD || stat(target, &st) == 0
-            if exists && !isNBD {
-                var image = stat()
-                stat(mountpoint + "/" + imageName, &image)
-                guard st.st_size == image.st_size else {
-                    throw CLIError("target '\(target)' has \(st.st_size) bytes but the image has \(image.st_size)")
-                }
-            }
-            let options = try job.mirrorOptions(defaultJobID: imageName, targetIsZero: !exists)
             let absolute = isNBD ? target : URL(fileURLWithPath: target).standardizedFileURL.path
+            let exists = isNBD || access(absolute, F_OK) == 0
+            let options = try job.mirrorOptions(defaultJobID: imageName)
             var arguments: [(String, JSONValue)] = [
                 ("device", .string(imageName)), ("target", .string(absolute)), ("format", "raw"),
                 ("sync", .string(options.sync.rawValue)), ("mode", exists ? "existing" : "absolute-paths"),
@@ -59,6 +54,10 @@ extension Mirrorfs.Job {
                 ("on-target-error", .string(options.onTargetError.rawValue)), ("copy-mode", .string(options.copyMode.rawValue)),
             ]
             if let id = job.jobID { arguments.insert(("job-id", .string(id)), at: 0) }
+            if let stateDir = job.stateDir {
+                let value = stateDir == "none" ? stateDir : URL(fileURLWithPath: stateDir).standardizedFileURL.path
+                arguments.append((QMPCommands.extensionPrefix + "state-dir", .string(value)))
+            }
             try client.execute("drive-mirror", arguments)
         }
     }

@@ -1,7 +1,6 @@
 import ArgumentParser
 import Foundation
 import MirrorCore
-import MirrorNBD
 
 /// A byte count: plain bytes or with a K, M or G suffix (powers of 1024).
 struct ByteCount: ExpressibleByArgument, Equatable {
@@ -14,8 +13,9 @@ struct ByteCount: ExpressibleByArgument, Equatable {
         guard let last = text.last else { return nil }
         let shifts: [Character: UInt64] = ["K": 10, "k": 10, "M": 20, "m": 20, "G": 30, "g": 30]
         let (digits, shift) = shifts[last].map { (String(text.dropLast()), $0) } ?? (text, 0)
-        guard !digits.isEmpty, digits.allSatisfy(\.isNumber), let value = UInt64(digits),
-              value <= UInt64.max >> shift else { return nil }
+        // At most Int64.max: the size every QMP integer and file offset can carry.
+        guard !digits.isEmpty, digits.allSatisfy(\.isASCII), digits.allSatisfy(\.isNumber), let value = UInt64(digits),
+              value <= UInt64(Int64.max) >> shift else { return nil }
         bytes = value << shift
     }
 }
@@ -54,7 +54,7 @@ struct JobOptions: ParsableArguments {
     }
 
     /// The job's options, checked with QEMU's rules and messages.
-    func mirrorOptions(defaultJobID: String, targetIsZero: Bool) throws -> MirrorOptions {
+    func mirrorOptions(defaultJobID: String) throws -> MirrorOptions {
         var options = MirrorOptions(jobID: jobID ?? defaultJobID)
         if let jobID { try rethrowing { () throws(JobError) in try MirrorOptions.validate(jobID: jobID) } }
         options.copyMode = copyMode ?? .background
@@ -67,31 +67,8 @@ struct JobOptions: ParsableArguments {
         options.speed = speed?.bytes ?? 0
         options.onSourceError = onSourceError ?? .report
         options.onTargetError = onTargetError ?? .report
-        options.targetIsZero = targetIsZero
         try rethrowing { () throws(JobError) in try options.validate() }
         return options
-    }
-}
-
-extension JobOptions {
-    /// Where the dirty log of a mirror to `target` lives; nil with `--state-dir none`. By
-    /// default next to a file target, and next to the source for an NBD export.
-    func dirtyLogPath(target: String, source: ImageSource) throws -> String? {
-        if stateDir == "none" { return nil }
-        let isNBD = NBDBlockDevice.isURI(target)
-        let targetURL = URL(fileURLWithPath: target)
-        let directory = stateDir ?? (isNBD ? URL(fileURLWithPath: source.path) : targetURL).deletingLastPathComponent().path
-        var st = stat()
-        guard stat(directory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
-            throw CLIError("state directory '\(directory)' is not a directory")
-        }
-        guard access(directory, W_OK) == 0 else {
-            throw CLIError("state directory '\(directory)' is not writable: \(String(cString: strerror(errno)))")
-        }
-        if isNBD {
-            return directory + "/" + source.name + ".nbd-" + String(stableHash(target), radix: 16) + ".dirtylog"
-        }
-        return directory + "/" + targetURL.lastPathComponent + ".dirtylog"
     }
 }
 

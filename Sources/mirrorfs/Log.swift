@@ -1,10 +1,110 @@
 import Foundation
 
-/// The daemon's log: stderr, which `--daemonize` points at the log file.
+/// The daemon's log: stderr, which `--daemonize` points at the log file. Lines go into a
+/// bounded queue that one thread writes with write(2); a line that cannot be written (a
+/// full disk, a reader that went away, a closed stderr) is dropped and counted, never
+/// fatal, and a caller never waits for the disk (the job's events are logged from its
+/// threads). SIGPIPE is ignored, so a vanished reader is an EPIPE like any other error.
 enum Log {
     static func info(_ message: String) {
         let stamp = ISO8601DateFormatter().string(from: Date())
-        FileHandle.standardError.write(Data("\(stamp) mirrorfs[\(getpid())]: \(message)\n".utf8))
+        LogSink.shared.enqueue("\(stamp) mirrorfs[\(getpid())]: \(message)\n")
+    }
+
+    /// Waits (briefly) until queued lines are written: before the process exits.
+    static func drain() { LogSink.shared.drain(timeout: 1) }
+}
+
+final class LogSink: @unchecked Sendable {
+    static let shared = LogSink(fd: STDERR_FILENO)
+    /// Bytes queued before new lines are dropped.
+    static let capacity = 1 << 20
+    private let fd: Int32
+    private let lock = NSCondition()
+    // Guarded by `lock`:
+    private var queue: [String] = []
+    private var queuedBytes = 0
+    private var writing = false
+    private(set) var dropped = 0
+    private var started = false
+
+    init(fd: Int32) {
+        self.fd = fd
+    }
+
+    func enqueue(_ line: String) {
+        lock.lock()
+        defer { lock.unlock() }
+        if !started {
+            started = true
+            signal(SIGPIPE, SIG_IGN)
+            let thread = Thread { [self] in run() }
+            thread.name = "log-writer"
+            thread.start()
+        }
+        guard queuedBytes + line.utf8.count <= Self.capacity else {
+            dropped += 1
+            return
+        }
+        queue.append(line)
+        queuedBytes += line.utf8.count
+        lock.signal()
+    }
+
+    func drain(timeout: Double) {
+        let deadline = Date().addingTimeInterval(timeout)
+        lock.lock()
+        defer { lock.unlock() }
+        while (!queue.isEmpty || writing) && lock.wait(until: deadline) {}
+    }
+
+    private func run() {
+        var lostBefore = 0
+        while true {
+            lock.lock()
+            while queue.isEmpty { lock.wait() }
+            var lines = queue
+            queue.removeAll()
+            queuedBytes = 0
+            writing = true
+            if dropped > lostBefore {
+                lines.insert("mirrorfs[\(getpid())]: \(dropped - lostBefore) log lines were dropped\n", at: 0)
+                lostBefore = dropped
+            }
+            lock.unlock()
+            var failed = 0
+            for line in lines where !write(line) { failed += 1 }
+            lock.lock()
+            dropped += failed
+            lostBefore += failed
+            writing = false
+            lock.broadcast()
+            lock.unlock()
+        }
+    }
+
+    /// One write(2) of the whole line; false when it could not be written.
+    private func write(_ line: String) -> Bool {
+        var bytes = Array(line.utf8)[...]
+        while !bytes.isEmpty {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return false }
+            bytes = bytes.dropFirst(n)
+        }
+        return true
+    }
+}
+
+/// Writes one line to stderr without Foundation's FileHandle (which traps on EPIPE/ENOSPC).
+func writeStandardError(_ text: String) {
+    signal(SIGPIPE, SIG_IGN)
+    var bytes = Array(text.utf8)[...]
+    while !bytes.isEmpty {
+        let n = bytes.withUnsafeBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { return }
+        bytes = bytes.dropFirst(n)
     }
 }
 

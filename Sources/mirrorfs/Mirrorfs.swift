@@ -22,13 +22,15 @@ extension Mirrorfs {
         do {
             var command = try parseAsRoot()
             try command.run()
+            Log.drain()
             Foundation.exit(0)
         } catch {
             let code = exitCode(for: error)
             if code == .success { exit(withError: error) }  // --help, --version
             let message = (error as? CLIError)?.description ?? Self.message(for: error)
             let oneLine = message.split(whereSeparator: \.isNewline).first.map(String.init) ?? "failed"
-            FileHandle.standardError.write(Data("mirrorfs: error: \(oneLine)\n".utf8))
+            Log.drain()
+            writeStandardError("mirrorfs: error: \(oneLine)\n")
             Foundation.exit(code.rawValue == 0 ? 1 : code.rawValue)
         }
     }

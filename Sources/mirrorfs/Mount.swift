@@ -4,6 +4,7 @@ import MirrorCore
 import MirrorFUSE
 import MirrorNBD
 import MirrorQMP
+import MirrorSetup
 import SystemPackage
 
 extension Mirrorfs {
@@ -57,51 +58,51 @@ extension Mirrorfs {
             guard nbdTimeout > 0 && nbdTimeout <= 3600 else {
                 throw CLIError("--nbd-timeout must be more than 0 and at most 3600 seconds")
             }
-            // A daemonizing parent does not connect to an NBD target: many servers take one
-            // client only (qemu-nbd's default), and the child's checks come back as one line too.
-            let mirrorTarget = try job.target.map {
-                try MirrorTarget.validate($0, source: image, timeout: nbdTimeout, connect: !daemonize)
-            }
-            let logPath = try job.target.flatMap { try job.dirtyLogPath(target: $0, source: image) }
-            let mirrorOptions = try mirrorTarget.map {
-                try job.mirrorOptions(defaultJobID: image.name, targetIsZero: !$0.exists)
+            let mirrorOptions = try job.target.map { _ in try job.mirrorOptions(defaultJobID: image.name) }
+            if let target = job.target, NBDBlockDevice.isURI(target) {
+                do { try NBDBlockDevice.checkURI(target) } catch { throw CLIError(error.description) }
             }
             let mountDirectory = try MountpointCheck.validate(path: mountpoint)
             let socketPath = try qmp ?? ControlSocket.defaultPath(for: mountDirectory)
             try ControlSocket.validate(path: socketPath)
+            // A daemonizing parent checks no further: the daemon does (it alone connects to
+            // an NBD target, as many servers take one client only), and its errors come
+            // back here as one line.
             if daemonize {
                 try Daemon.spawnAndWait(arguments: CommandLine.arguments, mountpoint: mountDirectory, logFile: logFile)
                 return
             }
-            try serve(image: image, mountpoint: mountDirectory, mirror: mirrorTarget.map { ($0, mirrorOptions!) },
-                      logPath: logPath, socketPath: socketPath, ready: ready)
+            try serve(image: image, mountpoint: mountDirectory, mirrorOptions: mirrorOptions,
+                      socketPath: socketPath, ready: ready)
         }
 
-        private func serve(image: ImageSource, mountpoint: String, mirror: (MirrorTarget, MirrorOptions)?,
-                           logPath: String?, socketPath: String, ready: ReadyPipe?) throws {
+        private func serve(image: ImageSource, mountpoint: String, mirrorOptions: MirrorOptions?,
+                           socketPath: String, ready: ReadyPipe?) throws {
             let pool = AlignedBufferPool(bufferSize: FUSEFileSystem.maxWrite)
             let device: FileBlockDevice
             do {
                 device = try FileBlockDevice(path: image.path, readOnly: readOnly, bufferPool: pool)
+                try device.lock()
+            } catch let error as ImageLockError {
+                throw CLIError(error.description)
             } catch {
                 throw CLIError("cannot open source '\(image.path)': \(error)")
             }
             let filter = MirrorFilter(source: device, readOnly: readOnly)
             filter.addEventListener { Log.info("event \($0.jsonLine)") }
-            if let (target, chosen) = mirror {
-                var options = chosen
-                let targetDevice = try target.open(size: device.size, pool: pool)
-                let log = try logPath.map { try DirtyLogSetup.open(path: $0, source: device, target: targetDevice,
-                                                                    targetExisted: target.exists, options: &options) }
+            let setup = JobSetup(source: device, imageName: image.name, mountpoint: mountpoint, bufferPool: pool)
+            if let target = job.target, let mirrorOptions {
+                let request = JobRequest(target: target, mode: .createOrReuse, options: mirrorOptions,
+                                         stateDirectory: .init(argument: job.stateDir), nbdTimeout: nbdTimeout)
                 do {
-                    try filter.startMirror(to: targetDevice, options: options, log: log)
+                    try setup.start(request, on: filter, log: { Log.info($0) })
                 } catch {
                     throw CLIError(error.description)
                 }
             }
-            let commands = QMPCommands(filter: filter, imageName: image.name,
-                                       package: "mirrorfs \(Mirrorfs.configuration.version)", bufferPool: pool,
-                                       nbdTimeout: nbdTimeout,
+            let commands = QMPCommands(filter: filter, setup: setup,
+                                       package: "mirrorfs \(Mirrorfs.configuration.version)",
+                                       nbdTimeout: nbdTimeout, log: { Log.info($0) },
                                        onQuit: { kill(getpid(), SIGTERM) })
             let server: QMPServer
             do {
@@ -124,8 +125,13 @@ extension Mirrorfs {
             options.allowOther = allowOther
             let session = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options)
             try session.run()
-            // Leave the source as durable as the unmount implies.
-            try? filter.flush(dataOnly: false)
+            // Leave the images as durable as the unmount implies, and the log a record of it.
+            filter.close()
+            if let job = filter.job {
+                Log.info(LeftBehind.describe(job.info().jsonValue))
+            } else if let log = filter.failedJobLog {
+                Log.info("the failed job's dirty log \(log.path) is kept: mounting with --target \(log.targetName) copies what it marks")
+            }
             Log.info("unmounted \(mountpoint)")
         }
     }
@@ -154,6 +160,9 @@ struct ImageSource {
         guard (st.st_mode & S_IFMT) == S_IFREG else {
             throw CLIError("source '\(path)' is not a regular file")
         }
+        if let mount = MountTable.mirrorfsMount(holdingDevice: UInt64(st.st_dev)) {
+            throw CLIError("source '\(path)' lies on the mirrorfs mount '\(mount.mountpoint)': serve the image it shows directly")
+        }
         let fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         guard fd >= 0 else {
             let reason = String(cString: strerror(errno))
@@ -166,122 +175,6 @@ struct ImageSource {
         let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
         return ImageSource(path: absolute, name: URL(fileURLWithPath: path).lastPathComponent,
                            size: UInt64(st.st_size), device: st.st_dev, inode: st.st_ino, uid: st.st_uid, gid: st.st_gid, permissions: st.st_mode & 0o777)
-    }
-}
-
-/// Finds, checks and resumes the dirty log of a mirror, or starts a new one.
-enum DirtyLogSetup {
-    static func open(path: String, source: FileBlockDevice, target: any BlockDevice, targetExisted: Bool,
-                     options: inout MirrorOptions) throws -> DirtyLog {
-        let identity = DirtyLog.Identity(source: source, target: target)
-        if targetExisted {
-            do {
-                let log = try DirtyLog.resume(path: path, identity: identity)
-                let ranges = log.loggedRanges(imageSize: source.size)
-                options.resumeFromLog = true
-                options.resyncBytes = ranges.reduce(0) { $0 + $1.length }
-                Log.info("resuming from \(path): \(ranges.count) logged regions, \(options.resyncBytes!) bytes to resync")
-                return log
-            } catch {
-                // Never trust a target the log cannot vouch for: copy everything.
-                Log.info("dirty log \(path): \(error); full resync")
-                options.resyncBytes = source.size
-            }
-        }
-        do {
-            return try DirtyLog.create(path: path, identity: identity, allDirty: options.sync == .full || targetExisted)
-        } catch {
-            throw CLIError("cannot create dirty log '\(path)': \(error)")
-        }
-    }
-}
-
-/// The mirror target of `mount --target`: a file or an NBD export.
-enum MirrorTarget {
-    case file(TargetImage)
-    case nbd(NBDBlockDevice)
-    /// Checked for form only (a daemonizing parent); never opened.
-    case nbdUnchecked(String)
-
-    /// Checks the target before anything is mounted or created; an NBD export is
-    /// connected to (within `timeout`) and must have the source's size.
-    static func validate(_ target: String, source: ImageSource, timeout: Double, connect: Bool) throws -> MirrorTarget {
-        guard NBDBlockDevice.isURI(target) else { return .file(try TargetImage.validate(path: target, source: source)) }
-        guard connect else {
-            do { try NBDBlockDevice.checkURI(target) } catch { throw CLIError(error.description) }
-            return .nbdUnchecked(target)
-        }
-        let device: NBDBlockDevice
-        do {
-            device = try NBDBlockDevice(uri: target, timeout: timeout)
-        } catch {
-            throw CLIError(error.description)
-        }
-        guard device.size == source.size else {
-            throw CLIError("NBD export '\(target)' has \(device.size) bytes but the source has \(source.size)")
-        }
-        return .nbd(device)
-    }
-
-    /// Whether the target held data before (an NBD export always may).
-    var exists: Bool {
-        switch self {
-        case .file(let image): image.exists
-        case .nbd, .nbdUnchecked: true
-        }
-    }
-
-    func open(size: UInt64, pool: AlignedBufferPool) throws -> any BlockDevice {
-        switch self {
-        case .file(let image): try image.open(size: size, pool: pool)
-        case .nbd(let device): device
-        case .nbdUnchecked(let uri): throw CLIError("NBD target '\(uri)' was not connected")
-        }
-    }
-}
-
-/// A file target of `mount --target`, checked before anything is mounted or created.
-struct TargetImage {
-    let path: String
-    let exists: Bool
-
-    static func validate(path: String, source: ImageSource) throws -> TargetImage {
-        var st = stat()
-        if stat(path, &st) == 0 {
-            guard (st.st_mode & S_IFMT) == S_IFREG else { throw CLIError("target '\(path)' is not a regular file") }
-            if st.st_dev == source.device && st.st_ino == source.inode {
-                throw CLIError("target '\(path)' is the source image itself")
-            }
-            guard UInt64(st.st_size) == source.size else {
-                throw CLIError("target '\(path)' has \(st.st_size) bytes but the source has \(source.size)")
-            }
-            let fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
-            guard fd >= 0 else { throw CLIError("target '\(path)' is not writable: \(String(cString: strerror(errno)))") }
-            close(fd)
-            return TargetImage(path: path, exists: true)
-        }
-        guard errno == ENOENT else { throw CLIError("target '\(path)': \(String(cString: strerror(errno)))") }
-        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
-        guard access(directory, W_OK) == 0 else {
-            throw CLIError("target '\(path)' cannot be created in '\(directory)': \(String(cString: strerror(errno)))")
-        }
-        return TargetImage(path: path, exists: false)
-    }
-
-    /// Opens the target, creating it sparse with the source's size if it was missing.
-    func open(size: UInt64, pool: AlignedBufferPool) throws -> FileBlockDevice {
-        if !exists {
-            let fd = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-            guard fd >= 0, ftruncate(fd, off_t(size)) == 0 else {
-                throw CLIError("cannot create target '\(path)': \(String(cString: strerror(errno)))")
-            }
-            close(fd)
-        }
-        do {
-            return try FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
-        } catch {
-            throw CLIError("cannot open target '\(path)': \(error)")
-        }
     }
 }
 

@@ -1,5 +1,7 @@
 import ArgumentParser
 import Foundation
+import MirrorCore
+import MirrorSetup
 
 extension Mirrorfs {
     struct Unmount: ParsableCommand {
@@ -32,31 +34,21 @@ extension Mirrorfs {
     }
 }
 
-/// /proc/self/mountinfo, read to tell mirrorfs mounts apart.
-enum MountTable {
-    static func isMirrorfsMount(_ path: String) -> Bool {
-        guard let table = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
-        for line in table.split(separator: "\n") {
-            let fields = line.split(separator: " ")
-            guard fields.count > 4, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
-            // Mount points escape spaces and the like as octal (\040).
-            if unescape(String(fields[4])) == path && fields[dash + 1] == "fuse.mirrorfs" { return true }
+/// What an unfinished job leaves behind, in one line: for `unmount`, `job cancel` and the log.
+enum LeftBehind {
+    static func describe(_ job: JSONValue) -> String {
+        func string(_ key: String) -> String? { if case .string(let s)? = job[key] { return s }; return nil }
+        let id = string("device") ?? "?"
+        let target = string("target") ?? "the target"
+        let ready = { if case .bool(true)? = job["ready"] { return true }; return false }()
+        var text = ready
+            ? "job '\(id)' was ready but not completed: '\(target)' lags behind the image"
+            : "job '\(id)' did not finish: '\(target)' is a partial copy"
+        if let log = string("dirty-log") {
+            text += "; its dirty log '\(log)' is kept: mount again with the same --target to resume"
+        } else {
+            text += "; it has no dirty log: a new job copies everything"
         }
-        return false
-    }
-
-    private static func unescape(_ field: String) -> String {
-        var out = [UInt8]()
-        var bytes = Array(field.utf8)[...]
-        while let b = bytes.popFirst() {
-            if b == UInt8(ascii: "\\"), bytes.count >= 3,
-               let value = UInt8(String(decoding: bytes.prefix(3), as: UTF8.self), radix: 8) {
-                out.append(value)
-                bytes = bytes.dropFirst(3)
-            } else {
-                out.append(b)
-            }
-        }
-        return String(decoding: out, as: UTF8.self)
+        return text
     }
 }

@@ -19,5 +19,10 @@ int clinux_pipe2_cloexec(int fds[2]);
 int clinux_spawn_addclosefrom(void *actions, int from);
 long clinux_getxattr(const char *path, const char *name, void *value, unsigned long size);
 int clinux_fallocate(int fd, int mode, off_t offset, off_t length);
+/// An OFD read lock on the one byte at `start` (F_OFD_SETLK, F_RDLCK); -1 with errno on failure.
+int clinux_ofd_read_lock(int fd, off_t start);
+/// Whether a process other than this open file description holds a lock on the byte at
+/// `start` (F_OFD_GETLK for a write lock): 1 yes, 0 no, -1 with errno on failure.
+int clinux_ofd_byte_locked_by_others(int fd, off_t start);
 
 #endif
