@@ -63,7 +63,7 @@ let package = Package(
         ),
         .testTarget(
             name: "MirrorQMPTests",
-            dependencies: ["MirrorQMP", "MirrorCore"]
+            dependencies: ["MirrorQMP", "MirrorCore", "MirrorSetup"]
         ),
         .testTarget(
             name: "MirrorCoreTests",

@@ -436,8 +436,9 @@ extension MirrorJob {
         }
         transition(to: .null)
         lock.unlock()
-        deliverEvents()
+        // Gone from queries before the `null` event leaves, as in QEMU.
         lifecycle(.dismissed)
+        deliverEvents()
     }
 
     /// The filter stops routing writes through the job (after switching to the target on

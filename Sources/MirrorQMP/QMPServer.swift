@@ -94,6 +94,10 @@ final class QMPConnection: Sendable {
         var bytes = 0
         var closed = false
         var negotiated = false
+        /// The reader and the writer: the descriptor is closed when both have ended, and
+        /// never used after (a closed number may already name another client's socket).
+        var threadsRunning = 2
+        var descriptorOpen = true
     }
     private nonisolated(unsafe) var outbox = Outbox()  // guarded by outboxLock
 
@@ -126,7 +130,7 @@ final class QMPConnection: Sendable {
             guard !outbox.closed else { return }
             if outbox.bytes + bytes.count > QMPServer.maximumOutbox {
                 outbox.closed = true
-                shutdown(fd, Int32(SHUT_RDWR))
+                if outbox.descriptorOpen { shutdown(fd, Int32(SHUT_RDWR)) }
             } else {
                 outbox.messages.append(bytes)
                 outbox.bytes += bytes.count
@@ -145,13 +149,26 @@ final class QMPConnection: Sendable {
             }
             guard let batch else { break }
             for message in batch where !sendAll(message) {
-                outboxLock.withLock { outbox.closed = true }
-                shutdown(fd, Int32(SHUT_RDWR))
+                outboxLock.withLock {
+                    outbox.closed = true
+                    shutdown(fd, Int32(SHUT_RDWR))  // the reader's recv returns
+                }
                 break
             }
         }
-        close(fd)
-        onClose(self)
+        finish()
+    }
+
+    /// One of the two threads ended; the last one closes the descriptor.
+    private func finish() {
+        let last = outboxLock.withLock {
+            outbox.threadsRunning -= 1
+            guard outbox.threadsRunning == 0 else { return false }
+            close(fd)
+            outbox.descriptorOpen = false
+            return true
+        }
+        if last { onClose(self) }
     }
 
     private func sendAll(_ bytes: [UInt8]) -> Bool {
@@ -193,5 +210,6 @@ final class QMPConnection: Sendable {
             outbox.closed = true
             outboxLock.broadcast()
         }
+        finish()
     }
 }

@@ -59,15 +59,13 @@ public struct JobRequest: Sendable {
 /// changed before every check has passed; a start that fails after creating the target
 /// removes it again.
 public struct JobSetup: Sendable {
-    public let source: FileBlockDevice
     /// The image's file name in the mount (the default job id and QMP `device`).
     public let imageName: String
     /// The mount's directory: a target may not lie under it (also before it is mounted).
     public let mountpoint: String
     public let bufferPool: AlignedBufferPool
 
-    public init(source: FileBlockDevice, imageName: String, mountpoint: String, bufferPool: AlignedBufferPool) {
-        self.source = source
+    public init(imageName: String, mountpoint: String, bufferPool: AlignedBufferPool) {
         self.imageName = imageName
         self.mountpoint = mountpoint
         self.bufferPool = bufferPool
@@ -80,7 +78,11 @@ public struct JobSetup: Sendable {
         if let current = filter.job {
             throw JobError("Node '\(imageName)' is busy: block device is in use by block job: mirror (job '\(current.id)')")
         }
-        let prepared = try prepare(request, adopting: filter.failedJobLog)
+        // The image served now is the job's source (the old target after a pivot).
+        guard let source = filter.device as? FileBlockDevice else {
+            throw JobError("the image is served from an NBD export now: mirroring it again is not supported")
+        }
+        let prepared = try Preparation(setup: self, source: source).prepare(request, adopting: filter.failedJobLog)
         do {
             let job = try filter.startMirror(to: prepared.target, options: prepared.options, log: prepared.log)
             announce(prepared.summary)
@@ -107,6 +109,17 @@ public struct JobSetup: Sendable {
         }
     }
 
+}
+
+/// One start's checks and openings, against the image served now.
+private struct Preparation {
+    let setup: JobSetup
+    let source: FileBlockDevice
+    var imageName: String { setup.imageName }
+    var mountpoint: String { setup.mountpoint }
+    var bufferPool: AlignedBufferPool { setup.bufferPool }
+    typealias Prepared = JobSetup.Prepared
+
     func prepare(_ request: JobRequest, adopting failedLog: DirtyLog?) throws(JobError) -> Prepared {
         var options = request.options
         options.targetName = request.target
@@ -117,17 +130,18 @@ public struct JobSetup: Sendable {
         let isNBD = NBDBlockDevice.isURI(request.target)
         let targetPath = isNBD ? request.target : absolute(request.target)
         if !isNBD { options.targetName = targetPath }
-        let logPath = try dirtyLogPath(request.stateDirectory, target: targetPath, isNBD: isNBD)
-
         // The target: checked, opened (created last), locked.
         var created: String?
         let target: any BlockDevice
         let existed: Bool
+        let logPath: String?
         if isNBD {
+            logPath = try dirtyLogPath(request.stateDirectory, target: targetPath, isNBD: isNBD)
             target = try openNBD(request, uri: targetPath)
             existed = true
         } else {
             existed = try checkFile(targetPath, mode: request.mode)
+            logPath = try dirtyLogPath(request.stateDirectory, target: targetPath, isNBD: isNBD)
             if !existed {
                 try create(targetPath)
                 created = targetPath

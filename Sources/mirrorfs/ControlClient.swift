@@ -5,23 +5,27 @@ import MirrorQMP
 
 /// A blocking QMP client for the CLI: finds the daemon's socket from MOUNTPOINT (the
 /// root's `user.mirrorfs.qmp` attribute), negotiates, runs commands, and collects events.
+/// Every step has a deadline: a daemon that does not answer is named, never waited on.
 final class ControlClient {
+    /// Seconds the daemon has to answer one command (or the mount one attribute read).
+    static let replyDeadline: Double = 30
     private let fd: Int32
+    private let mountpoint: String
     private var pending: [UInt8] = []
     /// Events received while waiting for replies, oldest first.
     private(set) var events: [JSONValue] = []
 
     init(mountpoint: String) throws {
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        let length = clinux_getxattr(mountpoint, "user.mirrorfs.qmp", &buffer, UInt(buffer.count))
-        guard length > 0 else {
-            throw CLIError("'\(mountpoint)' is not a mirrorfs mount (\(String(cString: strerror(errno))))")
-        }
-        let path = String(decoding: buffer[0..<Int(length)], as: UTF8.self)
+        self.mountpoint = mountpoint
+        let path = try Self.socketPath(of: mountpoint)
         guard let address = UnixSocketAddress(path: path) else {
             throw CLIError("the daemon's socket path '\(path)' is too long")
         }
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
+        var timeout = timeval(tv_sec: Int(Self.replyDeadline), tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         guard address.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
             let reason = String(cString: strerror(errno))
             close(fd)
@@ -32,6 +36,29 @@ final class ControlClient {
     }
 
     deinit { close(fd) }
+
+    /// The root's `user.mirrorfs.qmp` attribute, read on a thread of its own: a mount whose
+    /// daemon is stopped would block the read forever.
+    private static func socketPath(of mountpoint: String) throws -> String {
+        final class Box: @unchecked Sendable {
+            var result: Result<String, CLIError>?
+            let done = DispatchSemaphore(value: 0)
+        }
+        let box = Box()
+        let thread = Thread {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let length = clinux_getxattr(mountpoint, "user.mirrorfs.qmp", &buffer, UInt(buffer.count))
+            box.result = length > 0
+                ? .success(String(decoding: buffer[0..<Int(length)], as: UTF8.self))
+                : .failure(CLIError("'\(mountpoint)' is not a mirrorfs mount (\(String(cString: strerror(errno))))"))
+            box.done.signal()
+        }
+        thread.start()
+        guard box.done.wait(timeout: .now() + replyDeadline) == .success, let result = box.result else {
+            throw CLIError("the mount '\(mountpoint)' does not answer (its daemon may be stopped)")
+        }
+        return try result.get()
+    }
 
     /// Runs a command; a QMP error becomes the CLI's one-line error.
     @discardableResult
@@ -76,6 +103,9 @@ final class ControlClient {
             var chunk = [UInt8](repeating: 0, count: 65536)
             let n = recv(fd, &chunk, chunk.count, 0)
             if n < 0 && errno == EINTR { continue }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                throw CLIError("the daemon of '\(mountpoint)' did not answer within \(Int(Self.replyDeadline)) s")
+            }
             guard n > 0 else { throw CLIError("the daemon closed the control connection") }
             pending += chunk[0..<n]
         }

@@ -12,12 +12,15 @@ extension Mirrorfs {
     }
 }
 
-/// Waits for the job's end; throws if it failed. Returns the final event's name.
-private func waitForEnd(_ client: ControlClient) throws -> String {
+/// Waits for the job's end; throws if it failed, or if it stops where it cannot end
+/// without the operator (paused, or stopped by an error): the line says why and what to do.
+/// Returns the final event's name.
+private func waitForEnd(_ client: ControlClient, mountpoint: String) throws -> String {
     var ending = ""
     while true {
         guard let event = try client.nextEvent(timeout: 1) else {
-            if try client.currentJob() == nil { return ending }
+            guard let job = try client.currentJob() else { return ending }
+            try refuseToWaitOn(job, mountpoint: mountpoint)
             continue
         }
         guard case .string(let name)? = event["event"] else { continue }
@@ -27,6 +30,15 @@ private func waitForEnd(_ client: ControlClient) throws -> String {
         }
         if name == "JOB_STATUS_CHANGE", case .string("null")? = event["data"]?["status"] { return ending }
     }
+}
+
+/// A job that is paused (by the user or by `stop` after an error) does not end by itself.
+private func refuseToWaitOn(_ job: JSONValue, mountpoint: String) throws {
+    guard case .bool(true)? = job["paused"] else { return }
+    if case .string(let ioStatus)? = job["io-status"], ioStatus != "ok" {
+        throw CLIError("the job is stopped by a target error (io-status \(ioStatus)): fix the target, then 'mirrorfs job resume \(mountpoint)'")
+    }
+    throw CLIError("the job is paused: it cannot finish until 'mirrorfs job resume \(mountpoint)'")
 }
 
 extension Mirrorfs.Job {
@@ -81,8 +93,16 @@ extension Mirrorfs.Job {
 
         func run() throws {
             let client = try ControlClient(mountpoint: mountpoint)
-            try client.execute("block-job-complete", [("device", .string(try client.requireJobID()))])
-            _ = try waitForEnd(client)
+            guard let job = try client.currentJob(), case .string(let id)? = job["device"] else {
+                throw CLIError("no job runs on this mount")
+            }
+            try refuseToWaitOn(job, mountpoint: mountpoint)
+            try client.execute("block-job-complete", [("device", .string(id))])
+            _ = try waitForEnd(client, mountpoint: mountpoint)
+            if let image = try? FileManager.default.contentsOfDirectory(atPath: mountpoint).first(where: { $0 != ".status" }),
+               case .string(let target)? = job["target"] {
+                print("pivoted: \(mountpoint)/\(image) now serves \(target)")
+            }
         }
     }
 
@@ -94,8 +114,28 @@ extension Mirrorfs.Job {
 
         func run() throws {
             let client = try ControlClient(mountpoint: mountpoint)
-            try client.execute("block-job-cancel", [("device", .string(try client.requireJobID())), ("force", .bool(force))])
-            _ = try waitForEnd(client)
+            guard let job = try client.currentJob(), case .string(let id)? = job["device"] else {
+                // No job: a failed one may have left its log marking writes; cancel drops it.
+                let dropped: JSONValue
+                do {
+                    dropped = try client.execute(QMPCommands.extensionPrefix + "discard-dirty-log")
+                } catch {
+                    throw CLIError("no job runs on this mount")
+                }
+                if case .string(let log)? = dropped["dirty-log"], case .string(let target)? = dropped["target"] {
+                    print("discarded the failed job's dirty log \(log): '\(target)' is a partial copy; a new job copies everything")
+                }
+                return
+            }
+            if !force { try refuseToWaitOn(job, mountpoint: mountpoint) }
+            try client.execute("block-job-cancel", [("device", .string(id)), ("force", .bool(force))])
+            _ = try waitForEnd(client, mountpoint: mountpoint)
+            let target = { if case .string(let t)? = job["target"] { return t }; return "the target" }()
+            if case .bool(true)? = job["ready"], !force {
+                print("cancelled: '\(target)' is left a consistent copy of the image as of the cancel; the mount serves the source")
+            } else {
+                print("cancelled: '\(target)' is left a partial copy; its dirty log is discarded, so a new job copies everything")
+            }
         }
     }
 

@@ -90,7 +90,7 @@ extension Mirrorfs {
             }
             let filter = MirrorFilter(source: device, readOnly: readOnly)
             filter.addEventListener { Log.info("event \($0.jsonLine)") }
-            let setup = JobSetup(source: device, imageName: image.name, mountpoint: mountpoint, bufferPool: pool)
+            let setup = JobSetup(imageName: image.name, mountpoint: mountpoint, bufferPool: pool)
             if let target = job.target, let mirrorOptions {
                 let request = JobRequest(target: target, mode: .createOrReuse, options: mirrorOptions,
                                          stateDirectory: .init(argument: job.stateDir), nbdTimeout: nbdTimeout)
@@ -244,7 +244,8 @@ enum MountpointCheck {
         guard MountTable.isMirrorfsMount(full), umount2(full, Int32(MNT_DETACH)) == 0 else {
             throw CLIError("mountpoint '\(path)' is a stale FUSE mount (Transport endpoint is not connected); clear it with 'fusermount3 -u \(path)'")
         }
-        Log.info("detached the stale mount left on \(full)")
+        // A note, not an error: stdout, so that a refusal that follows stays one stderr line.
+        print("mirrorfs: detached the stale mount left on \(full)")
         return try validate(path: path)
     }
 }

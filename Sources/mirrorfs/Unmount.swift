@@ -19,7 +19,10 @@ extension Mirrorfs {
             guard MountTable.isMirrorfsMount(path) else {
                 throw CLIError("'\(mountpoint)' is not a mirrorfs mount")
             }
-            if umount2(path, 0) == 0 { return }
+            // What an unfinished job leaves behind, said after the unmount.
+            let unfinished = (try? ControlClient(mountpoint: path).currentJob()) ?? nil
+            func done() { if let unfinished { print(LeftBehind.describe(unfinished)) } }
+            if umount2(path, 0) == 0 { return done() }
             let reason = errno
             if reason == EBUSY { throw CLIError("'\(mountpoint)' is busy: a process still uses it") }
             guard reason == EPERM else { throw CLIError("cannot unmount '\(mountpoint)': \(String(cString: strerror(reason)))") }
@@ -30,6 +33,7 @@ extension Mirrorfs {
             try helper.run()
             helper.waitUntilExit()
             guard helper.terminationStatus == 0 else { throw CLIError("fusermount3 -u '\(mountpoint)' failed") }
+            done()
         }
     }
 }

@@ -71,8 +71,8 @@ final class DirtyLogTests: XCTestCase {
         expect(.truncated)
 
         try fresh()
-        try patch(24, [2, 0, 0, 0])                // another format version
-        expect(.wrongVersion(2))
+        try patch(24, [9, 0, 0, 0])                // another format version
+        expect(.wrongVersion(9))
 
         try fresh()
         try patch(0, Array("NOT-A-LOG".utf8))

@@ -239,9 +239,11 @@ final class MirrorMountTests: XCTestCase {
         XCTAssertEqual(chmod(readOnlyTarget, 0o444), 0)
         XCTAssertEqual(chmod(source, 0o666), 0)
         let userMnt = try scratch.directory("usermnt")
+        let userRun = try scratch.directory("userrun")
         XCTAssertEqual(chown(userMnt, 65534, 65534), 0)
+        XCTAssertEqual(chown(userRun, 65534, 65534), 0)
         let result = try execute("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", mirrorfsBinary, "mount",
-                                             source, userMnt, "--target", readOnlyTarget, "--qmp", scratch.file("u.qmp")])
+                                             source, userMnt, "--target", readOnlyTarget, "--qmp", userRun + "/u.qmp"])
         XCTAssertNotEqual(result.status, 0)
         XCTAssertTrue(result.stderr.contains("is not writable"), result.stderr)
     }

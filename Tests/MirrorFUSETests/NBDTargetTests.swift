@@ -266,7 +266,7 @@ final class NBDTargetTests: XCTestCase {
         let mount = try Mount(source: source, at: try scratch.directory("mnt"))
         let wrongSize = try execute(mirrorfsBinary, ["job", "start", mount.mountpoint, "--target", smallServer.uri])
         XCTAssertNotEqual(wrongSize.status, 0)
-        XCTAssertTrue(wrongSize.stderr.contains("different sizes"), wrongSize.stderr)
+        XCTAssertTrue(wrongSize.stderr.contains("has \(16 << 20) bytes but the source has \(32 << 20)"), wrongSize.stderr)
         let absent = try execute(mirrorfsBinary, ["job", "start", mount.mountpoint, "--target", "nbd+unix:///?socket=\(scratch.file("none.sock"))"])
         XCTAssertNotEqual(absent.status, 0)
         XCTAssertTrue(absent.stderr.contains("cannot connect"), absent.stderr)

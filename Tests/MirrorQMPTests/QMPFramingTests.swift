@@ -1,5 +1,6 @@
 import MirrorCore
 @testable import MirrorQMP
+import MirrorSetup
 import XCTest
 
 final class QMPFramingTests: XCTestCase {
@@ -43,8 +44,8 @@ final class QMPDispatchTests: XCTestCase {
         _ = FileManager.default.createFile(atPath: path, contents: Data(count: 65536))
         let pool = AlignedBufferPool(bufferSize: 65536)
         let device = try! FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
-        return QMPCommands(filter: MirrorFilter(source: device, readOnly: false), imageName: "disk.raw",
-                           package: "test", bufferPool: pool, onQuit: {})
+        let setup = JobSetup(imageName: "disk.raw", mountpoint: NSTemporaryDirectory() + "/mnt", bufferPool: pool)
+        return QMPCommands(filter: MirrorFilter(source: device, readOnly: false), setup: setup, package: "test", onQuit: {})
     }
 
     private func send(_ text: String, _ c: QMPCommands, _ session: inout QMPSession) -> String {

@@ -1,0 +1,442 @@
+import Foundation
+import XCTest
+
+/// SPEC sections 6 and 9: whatever the operator or the system does, no acknowledged write
+/// is lost and no false actively-synced is shown. Real mounts, real QEMU tools.
+final class SafetyTests: XCTestCase {
+    private func mirrorfs(_ arguments: [String], timeout: TimeInterval = 60) throws -> CommandResult {
+        try execute(mirrorfsBinary, arguments, timeout: timeout)
+    }
+
+    private func assertOneLineError(_ result: CommandResult, mentions expected: String,
+                                    file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertNotEqual(result.status, 0, "accepted: \(result.stdout)", file: file, line: line)
+        let lines = result.stderr.split(separator: "\n")
+        XCTAssertEqual(lines.count, 1, "one line: \(result.stderr)", file: file, line: line)
+        XCTAssertTrue(result.stderr.hasPrefix("mirrorfs: error: "), result.stderr, file: file, line: line)
+        XCTAssertTrue(result.stderr.contains(expected), "'\(expected)' not in: \(result.stderr)", file: file, line: line)
+    }
+
+    private func identical(_ a: String, _ b: String) throws -> Bool {
+        try execute("cmp", ["-s", a, b]).status == 0
+    }
+
+    private func qemuIO(_ image: String, _ commands: [String], extra: [String] = []) throws -> CommandResult {
+        try execute("qemu-io", ["-f", "raw"] + extra + commands.flatMap { ["-c", $0] } + [image])
+    }
+
+    /// Mounts in the background (as a user would after a crash) and returns the result.
+    private func mountDaemon(_ arguments: [String], log: String) throws -> CommandResult {
+        try mirrorfs(["mount"] + arguments + ["--daemonize", "--log-file", log])
+    }
+
+    private func daemonPids(_ mountpoint: String) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { Int32($0) }.filter { pid in
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+            let argv = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            return argv.count > 3 && argv[0].hasSuffix("mirrorfs") && argv[1] == "mount" && argv.contains(mountpoint)
+        }
+    }
+
+    private func killDaemon(_ mountpoint: String) {
+        for pid in daemonPids(mountpoint) { kill(pid, SIGKILL) }
+        _ = waitUntil("the daemon of \(mountpoint) to die") { daemonPids(mountpoint).isEmpty }
+    }
+
+    private func unmount(_ mountpoint: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let result = try mirrorfs(["unmount", mountpoint])
+        XCTAssertEqual(result.status, 0, result.stderr, file: file, line: line)
+        _ = waitUntil("the daemon of \(mountpoint) to exit", file: file, line: line) { daemonPids(mountpoint).isEmpty }
+    }
+
+    // MARK: - 1. A completed migration is never undone
+
+    func testTheOldMountCommandIsRefusedAfterACompletedMigrationAndTheTargetMounts() throws {
+        for ending in ["kill -9", "unmount"] {
+            let scratch = try Scratch()
+            let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 4 << 20)])
+            let target = scratch.file("new.raw")
+            let mnt = try scratch.directory("mnt")
+            let log = scratch.file("daemon.log")
+            let command = [source, mnt, "--target", target]
+            XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
+            waitForJob(mnt, containing: #""ready": true"#)
+            XCTAssertEqual(try mirrorfs(["job", "complete", mnt]).status, 0)
+            XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x5c 1M 64k", "flush"]).status, 0)
+            let sourceBefore = try sha256(source)
+            if ending == "kill -9" { killDaemon(mnt) } else { try unmount(mnt) }
+
+            let again = try mountDaemon(command, log: log)
+            assertOneLineError(again, mentions: target)
+            XCTAssertTrue(again.stderr.contains("mount '\(target)' instead"), again.stderr)
+            XCTAssertEqual(try sha256(source), sourceBefore, "\(ending): the refused command touched the source")
+            XCTAssertEqual(try qemuIO(target, ["read -P 0x5c 1M 64k"]).stdout.contains("Pattern verification failed"), false)
+
+            XCTAssertEqual(try mountDaemon([target, mnt], log: log).status, 0, ending)
+            let read = try qemuIO(mnt + "/new.raw", ["read -P 0x5c 1M 64k"], extra: ["-U", "-r"])
+            XCTAssertTrue(read.stdout.contains("read 65536/65536"), read.stdout)
+            XCTAssertFalse(read.stdout.contains("Pattern verification failed"), "\(ending): the post-pivot write is gone")
+            try unmount(mnt)
+        }
+    }
+
+    // MARK: - 2. A failed job's log covers the writes after the failure
+
+    func testWritesAfterAFailedJobAreCopiedByTheRestart() throws {
+        let scratch = try Scratch()
+        let small = try scratch.directory("small")
+        XCTAssertEqual(try execute("mount", ["-t", "tmpfs", "-o", "size=8M", "tmpfs", small]).status, 0)
+        defer { _ = try? execute("umount", ["-l", small]) }
+        let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 24 << 20)])
+        let target = small + "/new.raw"
+        let mnt = try scratch.directory("mnt")
+        let log = scratch.file("daemon.log")
+        let command = [source, mnt, "--target", target]
+        XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
+        let failed = waitForJob(mnt, containing: "null")
+        XCTAssertEqual(failed.trimmingCharacters(in: .whitespacesAndNewlines), "null")
+        let events = (try? String(contentsOfFile: mnt + "/.status/events.jsonl", encoding: .utf8)) ?? ""
+        XCTAssertTrue(events.contains("No space left on device"), events)
+        // Written after the failure, straight through the mount.
+        XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x6d 28M 1M", "flush"]).status, 0)
+        try unmount(mnt)
+        XCTAssertEqual(try execute("mount", ["-o", "remount,size=64M", small]).status, 0)
+        XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
+        let json = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(json.contains("resumed from the dirty log"), json)
+        try unmount(mnt)
+        XCTAssertTrue(try identical(source, target), "the target lacks writes made after the failure")
+    }
+
+    // MARK: - 3. A partial source write is dirty, never synced
+
+    func testAPartiallyAppliedSourceWriteIsCopiedBeforeActivelySynced() throws {
+        let scratch = try Scratch()
+        let small = try scratch.directory("small")
+        XCTAssertEqual(try execute("mount", ["-t", "tmpfs", "-o", "size=4M", "tmpfs", small]).status, 0)
+        defer { _ = try? execute("umount", ["-l", small]) }
+        let source = small + "/disk.raw"
+        XCTAssertEqual(try execute("truncate", ["-s", "16M", source]).status, 0)
+        XCTAssertEqual(try qemuIO(source, ["write -P 0x11 0 3584k"]).status, 0)
+        let target = scratch.file("new.raw")
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"),
+                              extra: ["--target", target, "--copy-mode", "write-blocking"])
+        waitForJob(mount.mountpoint, containing: #""actively-synced": true"#)
+        // About 512 KiB are free: the write reaches the source in part, then fails.
+        let write = try execute("dd", ["if=/dev/urandom", "of=\(mount.image)", "bs=1M", "count=1", "seek=8",
+                                       "conv=notrunc,fsync", "oflag=direct"])
+        XCTAssertNotEqual(write.status, 0, "the write was expected to hit ENOSPC")
+        let json = waitForJob(mount.mountpoint, containing: #""actively-synced": true"#)
+        XCTAssertTrue(json.contains(#""dirty-bytes": 0"#), json)
+        XCTAssertTrue(try identical(source, target), "actively-synced while the target lacks part of a write")
+        XCTAssertEqual(mount.stop(), 0)
+    }
+
+    // MARK: - 4. Image locks, as QEMU's
+
+    func testServedImagesAreLockedAgainstQEMUsToolsAndAnotherMirrorfs() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 16 << 20, randomPieces: [(0, 1 << 20)])
+        let target = scratch.file("new.raw")
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--target", target])
+        waitForJob(mount.mountpoint, containing: #""ready": true"#)
+        for image in [source, target] {
+            let write = try qemuIO(image, ["write -P 0x1 0 4k"])
+            XCTAssertNotEqual(write.status, 0, "qemu-io wrote a served image")
+            XCTAssertTrue(write.stderr.contains(#"Failed to get "write" lock"#), write.stderr)
+            let copy = scratch.file("copy.raw")
+            let convert = try execute("qemu-img", ["convert", "-f", "raw", "-O", "raw", image, copy])
+            XCTAssertNotEqual(convert.status, 0, convert.stdout)
+            XCTAssertTrue(convert.stderr.contains(#"Failed to get shared "write" lock"#), convert.stderr)
+            let resize = try execute("qemu-img", ["resize", "-f", "raw", image, "32M"])
+            XCTAssertTrue(resize.stderr.contains(#"Failed to get "write" lock"#), resize.stderr)
+            XCTAssertEqual(try execute("qemu-img", ["convert", "-U", "-f", "raw", "-O", "raw", image, copy]).status, 0)
+            XCTAssertEqual(try fileStatus(image).st_size, 16 << 20)
+            XCTAssertEqual(try qemuIO(image, ["read 0 4k"], extra: ["-U", "-r"]).status, 0)
+        }
+        // Another mirrorfs: the same source, or a second job into the same target.
+        assertOneLineError(try mirrorfs(["mount", source, try scratch.directory("mnt2")]), mentions: "in use by another process")
+        let other = try scratch.image("other.raw", size: 16 << 20)
+        assertOneLineError(try mirrorfs(["mount", other, try scratch.directory("mnt3"), "--target", target]),
+                           mentions: "in use by another process")
+        // qemu-storage-daemon cannot export it either.
+        let qsd = try execute("qemu-storage-daemon", ["--blockdev", "driver=file,node-name=f,filename=\(source)",
+                                                      "--blockdev", "driver=raw,node-name=r,file=f",
+                                                      "--nbd-server", "addr.type=unix,addr.path=\(scratch.file("nbd.sock"))",
+                                                      "--export", "type=nbd,id=e,node-name=r,writable=on"], timeout: 20)
+        XCTAssertNotEqual(qsd.status, 0)
+        XCTAssertTrue(qsd.stderr.contains("lock"), qsd.stderr)
+        XCTAssertEqual(mount.stop(), 0)
+        // Unlocked again once the daemon is gone.
+        XCTAssertEqual(try qemuIO(source, ["write -P 0x1 0 4k"]).status, 0)
+    }
+
+    func testMirrorfsRefusesImagesThatQEMUHolds() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 16 << 20)
+        let mnt = try scratch.directory("mnt")
+        // qemu-io holding the image open for writing.
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: try which("qemu-io"))
+        holder.arguments = ["-f", "raw", "-c", "sleep 20000", source]
+        try holder.run()
+        defer { holder.terminate(); holder.waitUntilExit() }
+        _ = waitUntil("qemu-io to lock the image") {
+            (try? String(contentsOfFile: "/proc/locks", encoding: .utf8))?.contains(":\(try! fileStatus(source).st_ino) 101 101") ?? false
+                || (try? String(contentsOfFile: "/proc/locks", encoding: .utf8))?.contains(":\(try! fileStatus(source).st_ino) 100 101") ?? false
+        }
+        assertOneLineError(try mirrorfs(["mount", source, mnt]), mentions: "in use by another process")
+        XCTAssertFalse(isMounted(mnt))
+        holder.terminate()
+        holder.waitUntilExit()
+
+        // qemu-storage-daemon exporting it writable.
+        let pidFile = scratch.file("qsd.pid")
+        try startDaemon("qemu-storage-daemon", [
+            "--blockdev", "driver=file,node-name=f,filename=\(source)", "--blockdev", "driver=raw,node-name=r,file=f",
+            "--nbd-server", "addr.type=unix,addr.path=\(scratch.file("nbd.sock"))",
+            "--export", "type=nbd,id=e,node-name=r,writable=on", "--daemonize", "--pidfile", pidFile], log: scratch.file("qsd.log"))
+        defer { if let pid = readPid(pidFile) { kill(pid, SIGTERM) } }
+        assertOneLineError(try mirrorfs(["mount", source, mnt]), mentions: "in use by another process")
+        // As a target too.
+        let other = try scratch.image("other.raw", size: 16 << 20)
+        assertOneLineError(try mirrorfs(["mount", other, mnt, "--target", source]), mentions: "in use by another process")
+        XCTAssertFalse(isMounted(mnt))
+    }
+
+    // MARK: - 5. No target inside a mount
+
+    func testTargetsInsideAnyMirrorfsMountAreRefusedAndTheDaemonStaysUsable() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 8 << 20, randomPieces: [(0, 1 << 20)])
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"))
+        let otherSource = try scratch.image("other.raw", size: 8 << 20)
+        let other = try Mount(source: otherSource, at: try scratch.directory("other"))
+        for target in [mount.image, mount.mountpoint + "/new.raw", mount.mountpoint + "/.status/x.raw",
+                       other.image, other.mountpoint + "/new.raw"] {
+            for mode in ["background", "write-blocking"] {
+                let result = try mirrorfs(["job", "start", mount.mountpoint, "--target", target, "--copy-mode", mode], timeout: 20)
+                assertOneLineError(result, mentions: "mirrorfs mount")
+            }
+        }
+        XCTAssertEqual(job(mount) == nil, true)
+        // Before mounting: a target under the mountpoint.
+        let mnt3 = try scratch.directory("mnt3")
+        let third = try scratch.image("third.raw", size: 8 << 20)
+        assertOneLineError(try mirrorfs(["mount", third, mnt3, "--target", mnt3 + "/t.raw"]), mentions: "under the mirrorfs mount")
+        XCTAssertEqual(try qemuIO(mount.image, ["write -P 0x3 0 64k", "flush"]).status, 0)
+        XCTAssertEqual(mount.stop(), 0)
+        XCTAssertEqual(other.stop(), 0)
+    }
+
+    // MARK: - 6. A log that cannot be written never stops the daemon
+
+    func testTheDaemonSurvivesAStderrThatCannotBeWritten() throws {
+        for sink in ["/dev/full", "closed pipe"] {
+            let scratch = try Scratch()
+            let source = try scratch.image("disk.raw", size: 8 << 20, randomPieces: [(0, 1 << 20)])
+            let mnt = try scratch.directory("mnt")
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: mirrorfsBinary)
+            process.arguments = ["mount", source, mnt, "--target", scratch.file("new.raw")]
+            let pipe = Pipe()
+            process.standardError = sink == "/dev/full" ? FileHandle(forWritingAtPath: "/dev/full") : pipe
+            try process.run()
+            if sink == "closed pipe" { try pipe.fileHandleForReading.close() }
+            _ = waitUntil("the mount") { isMounted(mnt) }
+            waitForJob(mnt, containing: #""ready": true"#)
+            // Events and log lines: a mode change, a completion.
+            XCTAssertEqual(try mirrorfs(["job", "change", mnt, "--copy-mode", "write-blocking"]).status, 0)
+            XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x7 0 1M", "flush"]).status, 0)
+            XCTAssertEqual(try mirrorfs(["job", "complete", mnt]).status, 0)
+            XCTAssertTrue(process.isRunning, "\(sink): the daemon died")
+            XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["read -P 0x7 0 1M"]).status, 0)
+            kill(process.processIdentifier, SIGTERM)
+            process.waitUntilExit()
+            XCTAssertEqual(process.terminationStatus, 0, sink)
+            XCTAssertFalse(isMounted(mnt))
+        }
+        // The CLI itself: an error line into a full stderr is no trap.
+        let result = try execute("/bin/sh", ["-c", "\(mirrorfsBinary) mount /nonexistent /tmp 2>/dev/full; echo $?"])
+        XCTAssertEqual(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines), "1")
+    }
+
+    // MARK: - 7. Targets without fallocate get written zeroes
+
+    func testZeroWritesReachTargetsWhoseFileSystemHasNoFallocate() throws {
+        for fileSystem in ["ramfs", "tmpfs"] {
+            let scratch = try Scratch()
+            let dir = try scratch.directory("fs")
+            XCTAssertEqual(try execute("mount", ["-t", fileSystem, fileSystem, dir]).status, 0)
+            defer { _ = try? execute("umount", ["-l", dir]) }
+            let source = try scratch.image("disk.raw", size: 16 << 20, randomPieces: [(0, 2 << 20), (8 << 20, 2 << 20)])
+            let target = dir + "/new.raw"
+            // Random data in the target where the source has holes: the copier must zero them.
+            XCTAssertEqual(try execute("truncate", ["-s", "16M", target]).status, 0)
+            XCTAssertEqual(try qemuIO(target, ["write -P 0xee 4M 2M"]).status, 0)
+            let mount = try Mount(source: source, at: try scratch.directory("mnt"),
+                                  extra: ["--target", target, "--copy-mode", "write-blocking", "--state-dir", scratch.path])
+            waitForJob(mount.mountpoint, containing: #""actively-synced": true"#)
+            XCTAssertEqual(try execute("fallocate", ["-z", "-o", "1M", "-l", "512K", mount.image]).status, 0)
+            XCTAssertEqual(try execute("fallocate", ["-p", "-o", "8M", "-l", "1M", mount.image]).status, 0)
+            let json = waitForJob(mount.mountpoint, containing: #""actively-synced": true"#)
+            XCTAssertTrue(json.contains(#""io-status": "ok""#), json)
+            XCTAssertFalse(json.contains("error"), "\(fileSystem): \(json)")
+            XCTAssertTrue(try identical(source, target), fileSystem)
+            XCTAssertEqual(mount.stop(), 0)
+        }
+    }
+
+    // MARK: - 8. Every start path is crash-safe, with one set of checks
+
+    func testJobStartAndDriveMirrorKeepADirtyLogAndResumeAfterKillNine() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 8 << 20)])
+        let target = scratch.file("new.raw")
+        let mnt = try scratch.directory("mnt")
+        let log = scratch.file("daemon.log")
+        XCTAssertEqual(try mountDaemon([source, mnt], log: log).status, 0)
+        let states = try scratch.directory("state")
+        XCTAssertEqual(try mirrorfs(["job", "start", mnt, "--target", target, "--state-dir", states]).status, 0)
+        let json = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(json.contains(#""dirty-log": "\#(states)/new.raw.dirtylog""#), json)
+        XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x42 20M 1M", "flush"]).status, 0)
+        killDaemon(mnt)
+        XCTAssertEqual(try mountDaemon([source, mnt, "--target", target, "--state-dir", states], log: log).status, 0)
+        let resumed = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(resumed.contains("resumed from the dirty log"), resumed)
+        try unmount(mnt)
+        XCTAssertTrue(try identical(source, target))
+    }
+
+    func testTheCLIAndQMPRefuseABadTargetWithTheSameError() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 8 << 20)
+        let wrongSize = try scratch.image("small.raw", size: 4 << 20)
+        let before = try sha256(wrongSize)
+        let expected = "target '\(wrongSize)' has \(4 << 20) bytes but the source has \(8 << 20)"
+        assertOneLineError(try mirrorfs(["mount", source, try scratch.directory("a"), "--target", wrongSize]), mentions: expected)
+        let socket = scratch.file("qmp.sock")
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--qmp", socket])
+        assertOneLineError(try mirrorfs(["job", "start", mount.mountpoint, "--target", wrongSize]), mentions: expected)
+        let script = """
+            import asyncio, sys
+            from qemu.qmp import QMPClient, ExecuteError
+            async def main():
+                c = QMPClient("t"); await c.connect(sys.argv[1])
+                try:
+                    await c.execute("drive-mirror", {"device": "disk.raw", "target": sys.argv[2], "sync": "full", "mode": "existing"})
+                    print("accepted")
+                except ExecuteError as e:
+                    print("error:", e.error.error.desc)
+                print("jobs:", await c.execute("query-block-jobs"))
+                await c.disconnect()
+            asyncio.run(main())
+            """
+        let out = try check("python3", ["-c", script, socket, wrongSize])
+        XCTAssertTrue(out.contains("error: " + expected), out)
+        XCTAssertTrue(out.contains("jobs: []"), out)
+        XCTAssertEqual(try sha256(wrongSize), before)
+        XCTAssertEqual(mount.stop(), 0)
+    }
+
+    // MARK: - Clean unmount records the images' state
+
+    func testASourceChangedWhileUnservedMeansAFullCopyWithTheReason() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 4 << 20)])
+        let target = scratch.file("new.raw")
+        let mnt = try scratch.directory("mnt")
+        let log = scratch.file("daemon.log")
+        let command = [source, mnt, "--target", target]
+        XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
+        waitForJob(mnt, containing: #""ready": true"#)
+        try unmount(mnt)
+        // Unchanged: the next mount resumes from the log.
+        XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
+        let clean = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(clean.contains("resumed from the dirty log after a clean unmount"), clean)
+        try unmount(mnt)
+        // Written directly while nobody served it.
+        XCTAssertEqual(try qemuIO(source, ["write -P 0x99 30M 4k"]).status, 0)
+        XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
+        let json = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(json.contains(#""resync-reason": "the source changed while it was not served: full copy""#), json)
+        XCTAssertTrue(json.contains(#""resync-bytes": \#(32 << 20)"#), json)
+        try unmount(mnt)
+        XCTAssertTrue(try identical(source, target))
+    }
+
+    // MARK: - Operator mistakes, at random
+
+    func testRandomOperatorSequencesNeverLoseAnAcknowledgedWrite() throws {
+        let steps = ProcessInfo.processInfo.environment["MIRRORFS_OPERATOR_STEPS"] ?? "40"
+        let (status, output) = try runTool("tools/operator-test", [steps, "1"])
+        XCTAssertEqual(status, 0, output)
+        print(output.split(separator: "\n").suffix(3).joined(separator: "\n"))
+    }
+}
+
+/// The QMP server under connection churn: clients connect and drop at a high rate, many at
+/// once, some in the middle of a command; every command still gets its own reply.
+final class QMPChurnTests: XCTestCase {
+    func testEveryCommandGetsItsReplyOnItsOwnConnectionUnderChurn() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 8 << 20)
+        let socket = scratch.file("qmp.sock")
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--qmp", socket])
+        let script = """
+            import json, random, socket, sys, threading
+            path = sys.argv[1]
+            errors = []
+            def lines(s):
+                buf = b""
+                while True:
+                    while b"\\n" not in buf:
+                        data = s.recv(65536)
+                        if not data:
+                            raise EOFError("closed")
+                        buf += data
+                    line, buf = buf.split(b"\\n", 1)
+                    yield json.loads(line)
+            def reply(it):
+                for msg in it:
+                    if "event" not in msg:
+                        return msg
+            def worker(n):
+                rnd = random.Random(n)
+                for i in range(60):
+                    s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(path)
+                    try:
+                        it = lines(s)
+                        next(it)
+                        s.sendall(json.dumps({"execute": "qmp_capabilities", "id": f"c{n}-{i}"}).encode() + b"\\n")
+                        r = reply(it)
+                        if r.get("id") != f"c{n}-{i}" or "return" not in r:
+                            errors.append(("caps", n, i, r))
+                        if rnd.random() < 0.3:
+                            s.sendall(b'{"execute": "query-block-jobs", "id": "dropped"}')   # half a line, then gone
+                            continue
+                        for k in range(3):
+                            want = f"q{n}-{i}-{k}"
+                            s.sendall(json.dumps({"execute": rnd.choice(["query-block-jobs", "query-version", "query-jobs"]), "id": want}).encode() + b"\\n")
+                            r = reply(it)
+                            if r.get("id") != want or "return" not in r:
+                                errors.append(("reply", n, i, k, r))
+                    except Exception as e:
+                        errors.append(("exception", n, i, repr(e)))
+                    finally:
+                        s.close()
+            threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+            for t in threads: t.start()
+            for t in threads: t.join()
+            print("errors:", len(errors), errors[:5])
+            """
+        let out = try check("python3", ["-c", script, socket], timeout: 120)
+        XCTAssertTrue(out.contains("errors: 0 "), out)
+        // Still serving, and a normal client still works.
+        XCTAssertEqual(try execute(mirrorfsBinary, ["status", mount.mountpoint, "--json"]).stdout, "null\n")
+        XCTAssertEqual(mount.stop(), 0)
+    }
+}
