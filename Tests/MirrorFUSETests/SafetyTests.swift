@@ -440,3 +440,86 @@ final class QMPChurnTests: XCTestCase {
         XCTAssertEqual(mount.stop(), 0)
     }
 }
+
+/// Numbers at their extremes, on the command line and over QMP: accepted in range or
+/// refused with one line; the daemon never traps.
+final class NumericExtremesTests: XCTestCase {
+    func testSizesSpeedsAndTimeoutsAtTheirExtremesAreAcceptedOrRefusedInOneLine() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 8 << 20, randomPieces: [(0, 1 << 20)])
+        let mnt = try scratch.directory("mnt")
+        let target = scratch.file("t.raw")
+        for extra in [["--granularity", "9223372036854775807"], ["--granularity", "0"], ["--buf-size", "0"],
+                      ["--speed", "99999999999999999999"], ["--speed", "8796093022208G"], ["--buf-size", "-1"],
+                      ["--nbd-timeout", "nan"], ["--nbd-timeout", "inf"], ["--nbd-timeout", "-1"],
+                      ["--granularity", "１２"]] {
+            let result = try execute(mirrorfsBinary, ["mount", source, mnt, "--target", target] + extra, timeout: 20)
+            XCTAssertNotEqual(result.status, 0, "\(extra)")
+            XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, "\(extra): \(result.stderr)")
+            XCTAssertTrue(result.stderr.hasPrefix("mirrorfs: error: "), "\(extra): \(result.stderr)")
+            XCTAssertFalse(isMounted(mnt))
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: target))
+        let socket = scratch.file("qmp.sock")
+        let mount = try Mount(source: source, at: mnt, extra: ["--qmp", socket, "--target", target,
+                                                                "--speed", "8589934591G", "--buf-size", "8589934591G"])
+        waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertEqual(try execute(mirrorfsBinary, ["job", "set-speed", mnt, "9223372036854775807"]).status, 0)
+        let tooBig = try execute(mirrorfsBinary, ["job", "set-speed", mnt, "18446744073709551615"])
+        XCTAssertNotEqual(tooBig.status, 0)
+        XCTAssertEqual(tooBig.stderr.split(separator: "\n").count, 1, tooBig.stderr)
+        let script = """
+            import json, socket, sys
+            s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])
+            f = s.makefile("rwb")
+            def call(text):
+                f.write(text.encode() + b"\\n"); f.flush()
+                while True:
+                    m = json.loads(f.readline())
+                    if "event" not in m:
+                        return m
+            f.readline()
+            call('{"execute": "qmp_capabilities"}')
+            for args in ['"speed": -9223372036854775808', '"speed": 100000000000000000000000', '"speed": 1e308',
+                         '"granularity": 4611686018427387904', '"granularity": -1', '"buf-size": -1']:
+                r = call('{"execute": "block-job-set-speed", "arguments": {"device": "disk.raw", %s}}' % args
+                         if args.startswith('"speed"') else
+                         '{"execute": "drive-mirror", "arguments": {"device": "disk.raw", "target": "/nonexistent/x", "sync": "full", %s}}' % args)
+                print(args, "->", "error" if "error" in r else "ACCEPTED", r.get("error", {}).get("desc", ""))
+            print("alive:", "return" in call('{"execute": "query-block-jobs"}'))
+            """
+        let out = try check("python3", ["-c", script, socket])
+        XCTAssertFalse(out.contains("ACCEPTED"), out)
+        XCTAssertTrue(out.contains("alive: True"), out)
+        XCTAssertEqual(mount.stop(), 0)
+    }
+}
+
+/// Commands that end a job early, or cannot end it now, say so.
+final class OperatorMessageTests: XCTestCase {
+    func testUnmountCancelAndCompleteOfAnUnfinishedJobSayWhatIsLeftAndWhy() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 64 << 20, randomPieces: [(0, 64 << 20)])
+        let target = scratch.file("new.raw")
+        let mnt = try scratch.directory("mnt")
+        let log = scratch.file("daemon.log")
+        let slow = ["mount", source, mnt, "--target", target, "--speed", "1M", "--daemonize", "--log-file", log]
+        try check(mirrorfsBinary, slow)
+        let unmounted = try check(mirrorfsBinary, ["unmount", mnt])
+        XCTAssertTrue(unmounted.contains("is a partial copy"), unmounted)
+        XCTAssertTrue(unmounted.contains("\(target).dirtylog' is kept"), unmounted)
+        _ = waitUntil("the daemon to exit") { !isMounted(mnt) }
+
+        try check(mirrorfsBinary, slow)
+        try check(mirrorfsBinary, ["job", "pause", mnt])
+        _ = waitUntil("the pause") { waitForJob(mnt, containing: #""paused": true"#, timeout: 1).contains(#""paused": true"#) }
+        let paused = try execute(mirrorfsBinary, ["job", "complete", mnt], timeout: 20)
+        XCTAssertNotEqual(paused.status, 0)
+        XCTAssertTrue(paused.stderr.contains("the job is paused") && paused.stderr.contains("job resume"), paused.stderr)
+        try check(mirrorfsBinary, ["job", "resume", mnt])
+        let cancelled = try check(mirrorfsBinary, ["job", "cancel", mnt])
+        XCTAssertTrue(cancelled.contains("partial copy"), cancelled)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: target + ".dirtylog"), "cancel discards the log")
+        try check(mirrorfsBinary, ["unmount", mnt])
+    }
+}
