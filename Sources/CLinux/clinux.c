@@ -38,3 +38,8 @@ int clinux_ofd_byte_locked_by_others(int fd, off_t start) {
     if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return -1;
     return fl.l_type != F_UNLCK;
 }
+
+int clinux_ofd_unlock(int fd, off_t start) {
+    struct flock fl = { .l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = start, .l_len = 1 };
+    return fcntl(fd, F_OFD_SETLK, &fl);
+}

@@ -61,7 +61,7 @@ public final class DirtyLog: @unchecked Sendable {
 
     /// Why an existing log was not resumed.
     public enum Rejection: Error, Equatable, CustomStringConvertible {
-        case missing, truncated, badMagic, wrongVersion(UInt32), badChecksum, identityMismatch
+        case missing, truncated, badMagic, wrongVersion(UInt32), badChecksum, identityMismatch, untrusted
         public var description: String {
             switch self {
             case .missing: "no log"
@@ -70,6 +70,7 @@ public final class DirtyLog: @unchecked Sendable {
             case .wrongVersion(let v): "the log has version \(v), not \(DirtyLog.version)"
             case .badChecksum: "the log's header checksum does not match"
             case .identityMismatch: "the log belongs to another source or target"
+            case .untrusted: "the image was written without a job since it was mounted, so the log cannot vouch for the target"
             }
         }
     }
@@ -80,6 +81,12 @@ public final class DirtyLog: @unchecked Sendable {
     public let targetName: String
     /// What the header says now (guarded by `lock`).
     private var currentRecord: Record = .mirroring
+    /// Set when a write to the log failed (guarded by `lock`).
+    private var brokenReason: String?
+    /// Where the log tells of its own failure (the daemon's log).
+    private let report: @Sendable (String) -> Void
+    /// What the log belongs to.
+    public let identity: Identity
     private let fd: Int32
     private var header: [UInt8]
     private let lock = ConditionLock()
@@ -97,12 +104,13 @@ public final class DirtyLog: @unchecked Sendable {
     private var bitmapBytes: Int { wanted.count * 8 }
 
     /// Creates (or replaces) the log with `allDirty` regions set, durably, in `mirroring`.
-    public static func create(path: String, identity: Identity, allDirty: Bool, targetName: String = "") throws(Errno) -> DirtyLog {
+    public static func create(path: String, identity: Identity, allDirty: Bool, targetName: String = "",
+                              report: @escaping @Sendable (String) -> Void = { _ in }) throws(Errno) -> DirtyLog {
         let fd = try system_open(path + ".new", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600).get()
         var jobID = [UInt8](repeating: 0, count: 16)
         for i in jobID.indices { jobID[i] = UInt8.random(in: 0...255) }
         let log = DirtyLog(path: path, fd: fd, identity: identity, generation: 1, jobID: jobID, allDirty: allDirty,
-                           targetName: targetName)
+                           targetName: targetName, report: report)
         do {
             try log.writeWhole()
         } catch {
@@ -115,7 +123,8 @@ public final class DirtyLog: @unchecked Sendable {
 
     /// Opens an existing log for `identity` without changing it: `record` tells what the
     /// last server left; `begin()` makes it the running job's log.
-    public static func resume(path: String, identity: Identity) throws(Rejection) -> DirtyLog {
+    public static func resume(path: String, identity: Identity,
+                              report: @escaping @Sendable (String) -> Void = { _ in }) throws(Rejection) -> DirtyLog {
         guard case .success(let fd) = system_open(path, O_RDWR | O_CLOEXEC) else { throw .missing }
         var header = [UInt8](repeating: 0, count: headerSize)
         guard case .success(let n) = header.withUnsafeMutableBytes({ system_preadFully(fd, $0, at: 0) }), n == headerSize else {
@@ -133,7 +142,7 @@ public final class DirtyLog: @unchecked Sendable {
         let nameLength = min(Int(header.load(UInt32.self, at: 160)), Self.maximumTargetName)
         let targetName = String(decoding: header[164..<164 + nameLength], as: UTF8.self)
         let log = DirtyLog(path: path, fd: fd, identity: identity, generation: generation + 1, jobID: jobID, allDirty: false,
-                           targetName: targetName)
+                           targetName: targetName, report: report)
         log.currentRecord = record
         var bitmap = [UInt8](repeating: 0, count: log.bitmapBytes)
         guard case .success(let got) = bitmap.withUnsafeMutableBytes({ system_preadFully(fd, $0, at: UInt64(headerSize)) }),
@@ -148,9 +157,11 @@ public final class DirtyLog: @unchecked Sendable {
     static let maximumTargetName = 1024
 
     private init(path: String, fd: Int32, identity: Identity, generation: UInt64, jobID: [UInt8], allDirty: Bool,
-                 targetName: String) {
+                 targetName: String, report: @escaping @Sendable (String) -> Void) {
         self.path = path
         self.fd = fd
+        self.identity = identity
+        self.report = report
         self.targetName = String(decoding: Array(targetName.utf8).prefix(Self.maximumTargetName), as: UTF8.self)
         regionCount = Int((identity.sourceSize + Self.regionSize - 1) / Self.regionSize)
         let words = (regionCount + 63) / 64
@@ -189,9 +200,20 @@ public final class DirtyLog: @unchecked Sendable {
     /// Writes `record` into the header durably (pwrite + fdatasync).
     public func setRecord(_ record: Record) throws(Errno) {
         try lock.withLock { () throws(Errno) in
-            record.store(into: &header)
-            header.store(crc32(header, excluding: 28..<32), at: 28)
-            try writeHeader()
+            // A broken log is gone: it can record nothing (a completion then cannot be kept).
+            guard brokenReason == nil else { throw Errno.ioError }
+            var next = header
+            record.store(into: &next)
+            next.store(crc32(next, excluding: 28..<32), at: 28)
+            do throws(Errno) {
+                try write(header: next)
+            } catch {
+                // The old record goes back (best effort): a header that may have reached the
+                // disk says no more than what the job still believes.
+                try? write(header: header)
+                throw error
+            }
+            header = next
             currentRecord = record
         }
     }
@@ -220,22 +242,41 @@ public final class DirtyLog: @unchecked Sendable {
 
     /// Makes the bits of the regions under [offset, offset+length) durable, and counts a
     /// write in flight there until `finished`. Regions already durable cost nothing;
-    /// concurrent callers share one write and one fdatasync. On error nothing stays counted.
-    public func mark(offset: UInt64, length: UInt64) throws(Errno) {
+    /// concurrent callers share one write and one fdatasync.
+    ///
+    /// The image's user never fails because of the log: when the log cannot be written (a
+    /// full or failing file system) it breaks — the file is removed, so no restart trusts
+    /// it (a restart then copies everything), and marking costs nothing from then on.
+    public func mark(offset: UInt64, length: UInt64) {
         guard length > 0 else { return }
         let regions = regions(offset, length)
-        try lock.withLock { () throws(Errno) in
+        lock.withLock {
             for r in regions {
                 set(&touchedRecent, r)
                 writesInFlight[r] += 1
             }
+            guard brokenReason == nil else { return }
             do throws(Errno) {
                 try makeDurable(regions)
             } catch {
-                for r in regions { writesInFlight[r] -= 1 }
-                throw error
+                breakLocked(error)
             }
         }
+    }
+
+    /// Why the log broke, if it did (then it is gone from disk and records nothing).
+    public var broken: String? { lock.withLock { brokenReason } }
+
+    /// Lock held.
+    private func breakLocked(_ error: Errno) {
+        guard brokenReason == nil else { return }
+        var reason = "cannot write the dirty log \(path): \(error); it is removed, so a restart copies everything"
+        if unlink(path) != 0 && errno != ENOENT {
+            reason = "cannot write the dirty log \(path): \(error), nor remove it (\(String(cString: strerror(errno)))): remove it before a restart"
+        }
+        brokenReason = reason
+        lock.broadcast()
+        report(reason)
     }
 
     /// The write `mark` announced has ended (successfully or not).
@@ -339,7 +380,11 @@ public final class DirtyLog: @unchecked Sendable {
     }
 
     private func writeHeader() throws(Errno) {
-        try header.withUnsafeBytes { raw in system_pwriteFully(fd, raw, at: 0) }.get()
+        try write(header: header)
+    }
+
+    private func write(header bytes: [UInt8]) throws(Errno) {
+        try bytes.withUnsafeBytes { raw in system_pwriteFully(fd, raw, at: 0) }.get()
         try system_sync(fd, dataOnly: true).get()
     }
 
@@ -362,6 +407,8 @@ extension DirtyLog.Identity {
 }
 
 extension DirtyLog.Record {
+    public var isStopped: Bool { if case .stopped = self { true } else { false } }
+
     init?(header: [UInt8]) {
         switch header.load(UInt32.self, at: 128) {
         case 1: self = .mirroring

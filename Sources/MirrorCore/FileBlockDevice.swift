@@ -123,6 +123,11 @@ public final class FileBlockDevice: BlockDevice {
         try ImageLock.acquire(fd: cachedFD, path: path, writable: !isReadOnly)
     }
 
+    /// Releases the image locks (the file stays open).
+    public func unlock() {
+        ImageLock.release(fd: cachedFD)
+    }
+
     public func flush(dataOnly: Bool) throws(Errno) {
         try system_sync(cachedFD, dataOnly: dataOnly).get()
     }

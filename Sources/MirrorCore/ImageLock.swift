@@ -37,7 +37,11 @@ public enum ImageLock {
         // A file system without OFD locks (some network file systems) cannot take part, as
         // with QEMU's locking=auto.
         for byte in taken.map({ permissionBase + off_t($0.rawValue) }) + unshared.map({ sharedBase + off_t($0.rawValue) }) {
-            guard clinux_ofd_read_lock(fd, byte) == 0 else { return }
+            guard clinux_ofd_read_lock(fd, byte) != 0 else { continue }
+            let reason = errno
+            if reason == EINVAL || reason == ENOLCK || reason == EOPNOTSUPP || reason == ENOSYS { return }
+            // Another process holds a conflicting (write) lock over the byte.
+            throw ImageLockError(path: path, reason: "Failed to lock byte \(byte)")
         }
         // Another user that does not share what we take, or takes what we do not share.
         for permission in taken where clinux_ofd_byte_locked_by_others(fd, sharedBase + off_t(permission.rawValue)) != 0 {
@@ -45,6 +49,14 @@ public enum ImageLock {
         }
         for permission in unshared where clinux_ofd_byte_locked_by_others(fd, permissionBase + off_t(permission.rawValue)) != 0 {
             throw ImageLockError(path: path, reason: "Failed to get shared \"\(permission.name)\" lock")
+        }
+    }
+
+    /// Drops every lock byte `acquire` may have taken on `fd`.
+    public static func release(fd: CInt) {
+        for permission in Permission.allCases {
+            _ = clinux_ofd_unlock(fd, permissionBase + off_t(permission.rawValue))
+            _ = clinux_ofd_unlock(fd, sharedBase + off_t(permission.rawValue))
         }
     }
 }

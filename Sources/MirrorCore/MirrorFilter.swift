@@ -38,6 +38,11 @@ public final class MirrorFilter: Sendable {
     /// that starts waits for them, as QEMU drains before inserting its filter, so no
     /// write lands unseen after the job's first scan.
     private let unmirroredWrites = Atomic<Int>(0)
+    /// Whether a write reached the image with neither a job nor a failed job's log since
+    /// the mount began: then no existing dirty log can vouch for a target.
+    private let wroteUnlogged = Atomic<Bool>(false)
+
+    public var servedUnloggedWrites: Bool { wroteUnlogged.load(ordering: .acquiring) }
     /// Leaf lock, taken per request only to read the routing; never held across I/O.
     private let routing: Mutex<Routing>
 
@@ -125,6 +130,8 @@ public final class MirrorFilter: Sendable {
             switch change {
             case .detach(let pivot, let keepLogging):
                 if pivot, let job = r.writer { r.device = job.target }
+                // A failed job lets go of its target (as QEMU drops it): a new job may take it.
+                if keepLogging != nil, let target = r.writer?.target as? FileBlockDevice { target.unlock() }
                 r.failedJob = keepLogging != nil ? r.writer : nil
                 r.writer = nil
             case .dismissed:
@@ -159,9 +166,10 @@ public final class MirrorFilter: Sendable {
             guard let writer else {
                 defer { unmirroredWrites.subtract(1, ordering: .sequentiallyConsistent) }
                 guard let log else {
+                    if !wroteUnlogged.load(ordering: .relaxed) { wroteUnlogged.store(true, ordering: .releasing) }
                     return try write.apply(to: device, at: offset, skip: 0, length: write.length, cache: cache)
                 }
-                try log.mark(offset: offset, length: write.length)
+                log.mark(offset: offset, length: write.length)
                 defer { log.finished(offset: offset, length: write.length) }
                 return try write.apply(to: device, at: offset, skip: 0, length: write.length, cache: cache)
             }

@@ -81,18 +81,7 @@ extension MirrorJob {
 
         // The region's bit is durable before the source changes: after a crash the log
         // covers every write that may have reached the source and not the target.
-        if let log {
-            do {
-                try log.mark(offset: offset, length: length)
-            } catch {
-                lock.withLock {
-                    if copied { state.inFlight.clear(chunks) } else { state.unmirroredWrites -= 1 }
-                    state.filterWrites -= 1
-                    lock.broadcast()
-                }
-                throw error
-            }
-        }
+        log?.mark(offset: offset, length: length)
 
         let sourceResult = Result { () throws(Errno) in
             try write.apply(to: source, at: offset, skip: 0, length: length, cache: cache)

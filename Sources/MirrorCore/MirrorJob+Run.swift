@@ -104,7 +104,7 @@ extension MirrorJob {
                     && state.error == nil && state.ioStatus == .ok {
                     activelySyncedValue.store(true, ordering: .releasing)
                 }
-                if state.completeRequested || state.cancelRequested {
+                if (state.completeRequested || state.cancelRequested) && !state.shuttingDown {
                     if converge() { return .converged }
                     continue
                 }
@@ -369,6 +369,12 @@ extension MirrorJob {
             lock.broadcast()
             return false
         }
+        if state.shuttingDown {
+            // The mount ended meanwhile: it records a clean stop, not a completion.
+            state.drained = false
+            lock.broadcast()
+            return false
+        }
         if state.completeRequested, let log {
             // Durable before the pivot: from here on the source is stale, and a restart of
             // the old mount command must say so instead of copying it back. (A crash before
@@ -406,30 +412,25 @@ extension MirrorJob {
                 while !state.finalizeRequested && !state.forceCancelled { waitForChange() }
             }
             if state.forceCancelled {
-                letGo(pivot: false)
+                letGo(.cancelled)
                 transition(to: .aborting)
                 emit(JobEvent(.cancelled(device: id, len: len, offset: state.progressCurrent, speed: state.speed)))
             } else {
-                letGo(pivot: pivot)
+                letGo(pivot ? .pivoted : .cancelled)
                 emit(JobEvent(.completed(device: id, len: state.progressCurrent, offset: state.progressCurrent,
                                          speed: state.speed, error: nil)))
             }
         case .failed(let message):
             state.error = state.error ?? message
-            letGo(pivot: false, keepLogging: true)
+            letGo(.failed)
             transition(to: .aborting)
             emit(JobEvent(.completed(device: id, len: len, offset: state.progressCurrent, speed: state.speed, error: state.error)))
         case .cancelled:
-            letGo(pivot: false)
+            letGo(.cancelled)
             transition(to: .aborting)
             emit(JobEvent(.cancelled(device: id, len: len, offset: state.progressCurrent, speed: state.speed)))
         }
         if state.error != nil || state.forceCancelled { activelySyncedValue.store(false, ordering: .releasing) }
-        // Cancelled: the log no longer describes anything. Completed: it holds the record
-        // that the image moved. A failed job keeps it, marked by every later write, so a
-        // restart still knows where the target differs.
-        if state.error == nil, case .cancelled = outcome { log?.retire() }
-        if state.error == nil, case .converged = outcome, !state.completeRequested || state.forceCancelled { log?.retire() }
         transition(to: .concluded)
         if !options.autoDismiss {
             while !state.dismissRequested { waitForChange() }
@@ -441,10 +442,22 @@ extension MirrorJob {
         deliverEvents()
     }
 
+    /// How the job lets go of the image, and what becomes of its dirty log.
+    private enum Ending {
+        /// The mount serves the target; the log holds the `completed` record (written in `converge`).
+        case pivoted
+        /// Cancelled (soft or forced, an error during the cancel included): the log no
+        /// longer describes anything and goes before writes resume unlogged on the source.
+        case cancelled
+        /// Failed: the log stays and every later write marks it, so a restart copies those too.
+        case failed
+    }
+
     /// The filter stops routing writes through the job (after switching to the target on
     /// pivot); writes held by the drain resume against the device now served. Lock held.
-    private func letGo(pivot: Bool, keepLogging: Bool = false) {
-        unlocked { lifecycle(.detach(pivot: pivot, keepLogging: keepLogging ? log : nil)) }
+    private func letGo(_ ending: Ending) {
+        if ending == .cancelled, let log { unlocked { log.retire() } }
+        unlocked { lifecycle(.detach(pivot: ending == .pivoted, keepLogging: ending == .failed ? log : nil)) }
         state.detached = true
         state.drained = false
         lock.broadcast()

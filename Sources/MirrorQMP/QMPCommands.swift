@@ -320,7 +320,7 @@ public final class QMPCommands: Sendable {
                                  stateDirectory: .init(argument: a.string(Self.extensionPrefix + "state-dir")),
                                  nbdTimeout: nbdTimeout)
         do {
-            try setup.start(request, on: filter, log: log)
+            try setup.start(request, on: filter)
         } catch {
             throw .generic(error.description)
         }

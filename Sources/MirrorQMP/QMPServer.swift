@@ -55,6 +55,9 @@ public final class QMPServer: Sendable {
                 return
             }
             _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+            // A client that stops reading cannot hold its writer thread forever.
+            var timeout = timeval(tv_sec: 30, tv_usec: 0)
+            setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             let accepted: QMPConnection? = clients.withLock { all in
                 guard all.count < Self.maximumClients else { return nil }
                 let connection = QMPConnection(fd: client, commands: commands) { [weak self] c in
@@ -71,6 +74,13 @@ public final class QMPServer: Sendable {
     public func broadcast(_ event: JobEvent) {
         let line = event.jsonLine
         for client in clients.withLock({ Array($0.values) }) { client.sendEvent(line) }
+    }
+
+    /// Stops serving: no new client, and every connection is shut down (its threads end
+    /// and close it).
+    public func stop() {
+        shutdown(listener, Int32(SHUT_RDWR))
+        for client in clients.withLock({ Array($0.values) }) { client.shutDown() }
     }
 
     public func removeSocketFile() {
@@ -157,6 +167,15 @@ final class QMPConnection: Sendable {
             }
         }
         finish()
+    }
+
+    /// Ends the connection from the server's side.
+    func shutDown() {
+        outboxLock.withLock {
+            outbox.closed = true
+            if outbox.descriptorOpen { shutdown(fd, Int32(SHUT_RDWR)) }
+            outboxLock.broadcast()
+        }
     }
 
     /// One of the two threads ended; the last one closes the descriptor.

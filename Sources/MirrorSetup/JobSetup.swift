@@ -64,8 +64,14 @@ public struct JobSetup: Sendable {
     /// The mount's directory: a target may not lie under it (also before it is mounted).
     public let mountpoint: String
     public let bufferPool: AlignedBufferPool
+    /// The daemon's log (a dirty log that breaks says so there).
+    public let log: @Sendable (String) -> Void
+    /// One start at a time: two clients starting at once cannot both pass the checks.
+    private let serial = ConditionLock()
 
-    public init(imageName: String, mountpoint: String, bufferPool: AlignedBufferPool) {
+    public init(imageName: String, mountpoint: String, bufferPool: AlignedBufferPool,
+                log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.log = log
         self.imageName = imageName
         self.mountpoint = mountpoint
         self.bufferPool = bufferPool
@@ -73,19 +79,24 @@ public struct JobSetup: Sendable {
 
     /// Checks, opens and starts; the job runs on `filter` when this returns.
     @discardableResult
-    public func start(_ request: JobRequest, on filter: MirrorFilter, log announce: (String) -> Void = { _ in }) throws(JobError) -> MirrorJob {
+    public func start(_ request: JobRequest, on filter: MirrorFilter) throws(JobError) -> MirrorJob {
+        try serial.withLock { () throws(JobError) in try startLocked(request, on: filter) }
+    }
+
+    private func startLocked(_ request: JobRequest, on filter: MirrorFilter) throws(JobError) -> MirrorJob {
         guard !filter.isReadOnly else { throw JobError("Block node is read-only") }
-        if let current = filter.job {
-            throw JobError("Node '\(imageName)' is busy: block device is in use by block job: mirror (job '\(current.id)')")
+        if filter.job != nil {
+            throw JobError("Node '\(imageName)' is busy: block device is in use by block job: mirror")
         }
         // The image served now is the job's source (the old target after a pivot).
         guard let source = filter.device as? FileBlockDevice else {
             throw JobError("the image is served from an NBD export now: mirroring it again is not supported")
         }
-        let prepared = try Preparation(setup: self, source: source).prepare(request, adopting: filter.failedJobLog)
+        let preparation = Preparation(setup: self, source: source, untrusted: filter.servedUnloggedWrites)
+        let prepared = try preparation.prepare(request, adopting: filter.failedJobLog)
         do {
             let job = try filter.startMirror(to: prepared.target, options: prepared.options, log: prepared.log)
-            announce(prepared.summary)
+            log(prepared.summary)
             return job
         } catch {
             prepared.undo()
@@ -115,6 +126,9 @@ public struct JobSetup: Sendable {
 private struct Preparation {
     let setup: JobSetup
     let source: FileBlockDevice
+    /// The image was written without a job (and without a log) since it was mounted: no
+    /// existing log can vouch for the target.
+    let untrusted: Bool
     var imageName: String { setup.imageName }
     var mountpoint: String { setup.mountpoint }
     var bufferPool: AlignedBufferPool { setup.bufferPool }
@@ -306,7 +320,10 @@ private struct Preparation {
         if isNBD {
             return chosen + "/" + imageName + ".nbd-" + String(stableHash(target), radix: 16) + ".dirtylog"
         }
-        return chosen + "/" + URL(fileURLWithPath: target).lastPathComponent + ".dirtylog"
+        let name = URL(fileURLWithPath: target).lastPathComponent
+        // A directory of its own may hold the logs of many targets of the same file name.
+        if case .path = directory { return chosen + "/" + name + "-" + String(stableHash(target), radix: 16) + ".dirtylog" }
+        return chosen + "/" + name + ".dirtylog"
     }
 
     /// Resumes the log when it can vouch for the target, refuses a migration that
@@ -316,14 +333,18 @@ private struct Preparation {
                          options: inout MirrorOptions) throws(JobError) -> DirtyLog {
         let identity = DirtyLog.Identity(source: source, target: target)
         let name = options.targetName ?? ""
-        if let failedLog, failedLog.path == path {
+        if let failedLog, failedLog.path == path, existed, failedLog.identity == identity,
+           failedLog.record == .mirroring, failedLog.broken == nil {
             // The failed job's log, still marked by every write since: its bits are current.
             return resumed(failedLog, reason: "resumed from the dirty log of the failed job", options: &options)
         }
         var reason = "the target existed without a dirty log: full copy"
         if existed {
             do {
-                let log = try DirtyLog.resume(path: path, identity: identity)
+                let log = try DirtyLog.resume(path: path, identity: identity, report: setup.log)
+                if untrusted, log.record == .mirroring || log.record.isStopped {
+                    throw DirtyLog.Rejection.untrusted
+                }
                 switch log.record {
                 case .completed(let time):
                     throw JobError("the mirror to '\(name)' completed on \(Self.date(time)): the image now lives there; "
@@ -353,7 +374,7 @@ private struct Preparation {
         }
         do {
             return try DirtyLog.create(path: path, identity: identity, allDirty: options.sync == .full || existed,
-                                       targetName: name)
+                                       targetName: name, report: setup.log)
         } catch {
             throw JobError("cannot create dirty log '\(path)': \(error)")
         }

@@ -90,20 +90,12 @@ extension Mirrorfs {
             }
             let filter = MirrorFilter(source: device, readOnly: readOnly)
             filter.addEventListener { Log.info("event \($0.jsonLine)") }
-            let setup = JobSetup(imageName: image.name, mountpoint: mountpoint, bufferPool: pool)
-            if let target = job.target, let mirrorOptions {
-                let request = JobRequest(target: target, mode: .createOrReuse, options: mirrorOptions,
-                                         stateDirectory: .init(argument: job.stateDir), nbdTimeout: nbdTimeout)
-                do {
-                    try setup.start(request, on: filter, log: { Log.info($0) })
-                } catch {
-                    throw CLIError(error.description)
-                }
-            }
+            let setup = JobSetup(imageName: image.name, mountpoint: mountpoint, bufferPool: pool, log: { Log.info($0) })
             let commands = QMPCommands(filter: filter, setup: setup,
                                        package: "mirrorfs \(Mirrorfs.configuration.version)",
                                        nbdTimeout: nbdTimeout, log: { Log.info($0) },
                                        onQuit: { kill(getpid(), SIGTERM) })
+            // The socket before the job: a mount that cannot listen leaves no job behind.
             let server: QMPServer
             do {
                 server = try QMPServer(path: socketPath, commands: commands)
@@ -112,6 +104,18 @@ extension Mirrorfs {
             }
             defer { server.removeSocketFile() }
             filter.addEventListener { server.broadcast($0) }
+            var createdTarget: String?
+            if let target = job.target, let mirrorOptions {
+                let request = JobRequest(target: target, mode: .createOrReuse, options: mirrorOptions,
+                                         stateDirectory: .init(argument: job.stateDir), nbdTimeout: nbdTimeout)
+                let existed = NBDBlockDevice.isURI(target) || access(target, F_OK) == 0
+                do {
+                    try setup.start(request, on: filter)
+                } catch {
+                    throw CLIError(error.description)
+                }
+                if !existed { createdTarget = target }
+            }
             let fileSystem = FUSEFileSystem(
                 filter: filter, imageName: image.name, uid: image.uid, gid: image.gid,
                 permissions: image.permissions, readBuffers: pool, controlSocket: socketPath,
@@ -123,8 +127,16 @@ extension Mirrorfs {
             var options = MountOptions(fsName: image.path)
             options.readOnly = readOnly
             options.allowOther = allowOther
-            let session = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options)
-            try session.run()
+            do {
+                let session = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options)
+                try session.run()
+            } catch {
+                // Not mounted: the job this command started goes, with what it created.
+                abandonJob(filter, createdTarget: createdTarget)
+                throw error
+            }
+            // No command may start or complete a job while the mount ends.
+            server.stop()
             // Leave the images as durable as the unmount implies, and the log a record of it.
             filter.close()
             if let job = filter.job {
@@ -135,6 +147,16 @@ extension Mirrorfs {
             Log.info("unmounted \(mountpoint)")
         }
     }
+}
+
+/// A job started for a mount that did not come up: force-cancelled (its log goes), and a
+/// target the start created is removed.
+private func abandonJob(_ filter: MirrorFilter, createdTarget: String?) {
+    guard let job = filter.job else { return }
+    try? job.cancel(force: true)
+    let deadline = Date().addingTimeInterval(10)
+    while filter.job != nil && Date() < deadline { usleep(10_000) }
+    if let createdTarget, filter.job == nil { unlink(createdTarget) }
 }
 
 enum DirectPolicy: String, ExpressibleByArgument, CaseIterable {

@@ -27,21 +27,45 @@ final class DirtyLogTests: XCTestCase {
 
     private var identity: DirtyLog.Identity { DirtyLog.Identity(source: source, target: target) }
 
+    /// The header's record walks the job's persistent life cycle and survives reopening.
+    func testTheRecordGoesFromMirroringToStoppedOrCompletedAndSurvivesAReopen() throws {
+        let log = try DirtyLog.create(path: logPath, identity: identity, allDirty: false, targetName: "/new/target.raw")
+        XCTAssertEqual(log.record, .mirroring)
+        log.mark(offset: 0, length: 1)
+        log.finished(offset: 0, length: 1)
+        let stopped = DirtyLog.Record.stopped(source: ChangeStamp(nanoseconds: 11), target: ChangeStamp(nanoseconds: 22))
+        try log.setRecord(stopped)
+        let reopened = try DirtyLog.resume(path: logPath, identity: identity)
+        XCTAssertEqual(reopened.record, stopped)
+        XCTAssertEqual(reopened.targetName, "/new/target.raw")
+        XCTAssertEqual(reopened.loggedRegions, 1, "the bits survive the stop")
+        try reopened.begin()
+        XCTAssertEqual(try DirtyLog.resume(path: logPath, identity: identity).record, .mirroring)
+        try reopened.setRecord(.completed(time: 1_700_000_000))
+        XCTAssertEqual(try DirtyLog.resume(path: logPath, identity: identity).record, .completed(time: 1_700_000_000))
+        // A damaged record is rejected (the header checksum covers it).
+        let handle = try XCTUnwrap(FileHandle(forUpdatingAtPath: logPath))
+        try handle.seek(toOffset: 128)
+        handle.write(Data([7, 0, 0, 0]))
+        try handle.close()
+        XCTAssertThrowsError(try DirtyLog.resume(path: logPath, identity: identity))
+    }
+
     func testMarkedRegionsSurviveAReopenAndClearedOnesDoNot() throws {
         let log = try DirtyLog.create(path: logPath, identity: identity, allDirty: false)
         let region = DirtyLog.regionSize
-        try log.mark(offset: 100, length: 10)                   // region 0
+        log.mark(offset: 100, length: 10)                   // region 0
         log.finished(offset: 100, length: 10)
-        try log.mark(offset: 3 * region - 1, length: 2)         // regions 2 and 3
+        log.mark(offset: 3 * region - 1, length: 2)         // regions 2 and 3
         log.finished(offset: 3 * region - 1, length: 2)
-        try log.mark(offset: 5 * region, length: 1)             // region 5: a write still running
+        log.mark(offset: 5 * region, length: 1)             // region 5: a write still running
         XCTAssertEqual(log.loggedRegions, 4)
         // Untouched through two whole sweep intervals: candidates. Region 2 is written meanwhile.
         XCTAssertEqual(log.sweepCandidates(), [], "just written")
         XCTAssertEqual(log.sweepCandidates(), [], "written in the previous interval")
         let candidates = log.sweepCandidates()
         XCTAssertEqual(candidates, [0, 2, 3], "region 5 has a write in flight, however old")
-        try log.mark(offset: 2 * region, length: 1)
+        log.mark(offset: 2 * region, length: 1)
         log.clear(candidates)
         let reopened = try DirtyLog.resume(path: logPath, identity: identity)
         XCTAssertEqual(reopened.loggedRanges(imageSize: 8 * region).map(\.offset), [2 * region, 5 * region])

@@ -135,7 +135,7 @@ final class NBDTargetTests: XCTestCase {
                        .flatMap { ($0["data"] as? [String: Any])?["action"] as? String }, "report")
         // The image still works and still is the source.
         try check("qemu-io", ["-f", "raw", "-c", "write -P 0x77 0 64k", mount.image])
-        try check("qemu-io", ["-f", "raw", "-c", "read -P 0x77 0 64k", source])
+        try check("qemu-io", ["-f", "raw", "-U", "-r", "-c", "read -P 0x77 0 64k", source])  // served: locked
         XCTAssertEqual(mount.stop(), 0)
     }
 

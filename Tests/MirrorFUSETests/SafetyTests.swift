@@ -300,7 +300,7 @@ final class SafetyTests: XCTestCase {
         let states = try scratch.directory("state")
         XCTAssertEqual(try mirrorfs(["job", "start", mnt, "--target", target, "--state-dir", states]).status, 0)
         let json = waitForJob(mnt, containing: #""ready": true"#)
-        XCTAssertTrue(json.contains(#""dirty-log": "\#(states)/new.raw.dirtylog""#), json)
+        XCTAssertTrue(json.contains(#""dirty-log": "\#(states)/new.raw-"#), json)
         XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x42 20M 1M", "flush"]).status, 0)
         killDaemon(mnt)
         XCTAssertEqual(try mountDaemon([source, mnt, "--target", target, "--state-dir", states], log: log).status, 0)
@@ -339,6 +339,81 @@ final class SafetyTests: XCTestCase {
         XCTAssertTrue(out.contains("jobs: []"), out)
         XCTAssertEqual(try sha256(wrongSize), before)
         XCTAssertEqual(mount.stop(), 0)
+    }
+
+    /// A failed job's log is not adopted by a job into a new file of the same name, and a
+    /// log is not trusted once the image was written with no job since the mount began.
+    func testNoLogVouchesForATargetItDoesNotDescribe() throws {
+        let scratch = try Scratch()
+        let small = try scratch.directory("small")
+        XCTAssertEqual(try execute("mount", ["-t", "tmpfs", "-o", "size=8M", "tmpfs", small]).status, 0)
+        defer { _ = try? execute("umount", ["-l", small]) }
+        let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 24 << 20)])
+        let target = small + "/new.raw"
+        let mnt = try scratch.directory("mnt")
+        let log = scratch.file("daemon.log")
+        XCTAssertEqual(try mountDaemon([source, mnt, "--target", target], log: log).status, 0)
+        XCTAssertEqual(waitForJob(mnt, containing: "null").trimmingCharacters(in: .whitespacesAndNewlines), "null")
+        // The operator deletes the partial target, frees space and starts again in place.
+        XCTAssertEqual(unlink(target), 0)
+        XCTAssertEqual(try execute("mount", ["-o", "remount,size=64M", small]).status, 0)
+        XCTAssertEqual(try mirrorfs(["job", "start", mnt, "--target", target]).status, 0)
+        let fresh = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertFalse(fresh.contains("resumed"), fresh)
+        try unmount(mnt)
+        XCTAssertTrue(try identical(source, target), "a new target was filled from an old log")
+
+        // kill -9, then served without a job while the VM writes, then a job again.
+        XCTAssertEqual(try mountDaemon([source, mnt, "--target", target], log: log).status, 0)
+        waitForJob(mnt, containing: #""ready": true"#)
+        killDaemon(mnt)
+        XCTAssertEqual(try mountDaemon([source, mnt], log: log).status, 0)
+        XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x3c 2M 1M", "flush"]).status, 0)
+        XCTAssertEqual(try mirrorfs(["job", "start", mnt, "--target", target]).status, 0)
+        let json = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(json.contains("written without a job"), json)
+        try unmount(mnt)
+        XCTAssertTrue(try identical(source, target), "writes made without a job were not copied")
+    }
+
+    /// Two targets of one file name under one --state-dir have logs of their own.
+    func testTargetsOfOneNameShareAStateDirectoryWithoutSharingALog() throws {
+        let scratch = try Scratch()
+        let states = try scratch.directory("state")
+        var logs: [String] = []
+        for vm in ["a", "b"] {
+            let source = try scratch.image("\(vm).raw", size: 8 << 20, randomPieces: [(0, 1 << 20)])
+            let target = try scratch.directory("new-\(vm)") + "/disk.raw"
+            let mount = try Mount(source: source, at: try scratch.directory("mnt-\(vm)"),
+                                  extra: ["--target", target, "--state-dir", states])
+            let json = waitForJob(mount.mountpoint, containing: #""ready": true"#)
+            let object = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])
+            logs.append(try XCTUnwrap(object["dirty-log"] as? String))
+            XCTAssertEqual(mount.stop(), 0)
+        }
+        XCTAssertNotEqual(logs[0], logs[1])
+        XCTAssertTrue(logs.allSatisfy { FileManager.default.fileExists(atPath: $0) }, "\(logs)")
+    }
+
+    /// Started with stderr closed, the daemon logs nowhere — never into the image.
+    func testADaemonStartedWithStderrClosedNeverLogsIntoTheImage() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 8 << 20)
+        let mnt = try scratch.directory("mnt")
+        let target = scratch.file("new.raw")
+        let shell = Process()
+        shell.executableURL = URL(fileURLWithPath: "/bin/sh")
+        shell.arguments = ["-c", "exec \(mirrorfsBinary) mount \(source) \(mnt) --target \(target) 2>&-"]
+        try shell.run()
+        _ = waitUntil("the mount") { isMounted(mnt) }
+        waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertEqual(try mirrorfs(["job", "complete", mnt]).status, 0)
+        kill(shell.processIdentifier, SIGTERM)
+        shell.waitUntilExit()
+        let head = try XCTUnwrap(FileHandle(forReadingAtPath: target)).readData(ofLength: 1 << 20)
+        XCTAssertTrue(head.allSatisfy { $0 == 0 }, "log text in the image")
+        let sourceHead = try XCTUnwrap(FileHandle(forReadingAtPath: source)).readData(ofLength: 1 << 20)
+        XCTAssertTrue(sourceHead.allSatisfy { $0 == 0 }, "log text in the source")
     }
 
     // MARK: - Clean unmount records the images' state

@@ -21,6 +21,8 @@ long clinux_getxattr(const char *path, const char *name, void *value, unsigned l
 int clinux_fallocate(int fd, int mode, off_t offset, off_t length);
 /// An OFD read lock on the one byte at `start` (F_OFD_SETLK, F_RDLCK); -1 with errno on failure.
 int clinux_ofd_read_lock(int fd, off_t start);
+/// Drops this open file description's lock on the byte at `start` (F_OFD_SETLK, F_UNLCK).
+int clinux_ofd_unlock(int fd, off_t start);
 /// Whether a process other than this open file description holds a lock on the byte at
 /// `start` (F_OFD_GETLK for a write lock): 1 yes, 0 no, -1 with errno on failure.
 int clinux_ofd_byte_locked_by_others(int fd, off_t start);
