@@ -15,6 +15,9 @@ final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
     let failWrites = Mutex<(error: Errno, count: Int)?>(nil)
     /// Extra latency per write, to widen race windows.
     let writeDelay: useconds_t
+    /// When set, the next write signals `entered` and then waits for `proceed` before its
+    /// bytes land: a write held in flight at a moment the test chooses.
+    let gate = Mutex<(entered: DispatchSemaphore, proceed: DispatchSemaphore)?>(nil)
 
     init(size: UInt64, writeDelay: useconds_t = 0) {
         self.size = size
@@ -46,6 +49,10 @@ final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno) {
         if writeDelay > 0 { usleep(writeDelay) }
+        if let held = gate.withLock({ g in defer { g = nil }; return g }) {
+            held.entered.signal()
+            held.proceed.wait()
+        }
         if let error = injectedFailure() { throw error }
         lock.withLock {
             bytes.withUnsafeMutableBytes { dst in
