@@ -31,6 +31,15 @@ public final class FUSEFileSystem: Sendable {
     /// `mirrorfs job|status MOUNTPOINT` find it from the mount alone.
     let controlSocket: String?
     public static let controlSocketAttribute = "user.mirrorfs.qmp"
+    /// The serving daemon's pid, so that `unmount` can wait until it has let go of the images.
+    public static let pidAttribute = "user.mirrorfs.pid"
+
+    /// The root's extended attributes.
+    var rootAttributes: [String: String] {
+        var attributes = [Self.pidAttribute: String(getpid())]
+        if let controlSocket { attributes[Self.controlSocketAttribute] = controlSocket }
+        return attributes
+    }
     /// Whether O_DIRECT opens of the image get O_DIRECT on the source (QEMU's
     /// cache.direct=on) or are served through the source's page cache.
     let passDirect: Bool

@@ -272,14 +272,16 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
 
     ops.getxattr = { req, ino, name, size in
         let fs = fileSystem(req)
-        guard ino == Node.root.rawValue, let name, String(cString: name) == FUSEFileSystem.controlSocketAttribute,
-              let socket = fs.controlSocket else { return replyError(req, .noData) }
-        replyAttributeValue(req, Array(socket.utf8), size: size)
+        guard ino == Node.root.rawValue, let name, let value = fs.rootAttributes[String(cString: name)] else {
+            return replyError(req, .noData)
+        }
+        replyAttributeValue(req, Array(value.utf8), size: size)
     }
 
     ops.listxattr = { req, ino, size in
         let fs = fileSystem(req)
-        let names = ino == Node.root.rawValue && fs.controlSocket != nil ? Array(FUSEFileSystem.controlSocketAttribute.utf8) + [0] : []
+        let names: [UInt8] = ino == Node.root.rawValue
+            ? fs.rootAttributes.keys.sorted().flatMap { (name: String) -> [UInt8] in Array(name.utf8) + [0] } : []
         replyAttributeValue(req, names, size: size)
     }
 

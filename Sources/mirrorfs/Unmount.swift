@@ -1,3 +1,4 @@
+import CLinux
 import ArgumentParser
 import Foundation
 import MirrorCore
@@ -20,8 +21,24 @@ extension Mirrorfs {
                 throw CLIError("'\(mountpoint)' is not a mirrorfs mount")
             }
             // What an unfinished job leaves behind, said after the unmount.
-            let unfinished = (try? ControlClient(mountpoint: path).currentJob()) ?? nil
-            func done() { if let unfinished { print(LeftBehind.describe(unfinished)) } }
+            // Asked only of a mount that answers (a stopped daemon would hold the reads).
+            let client = try? ControlClient(mountpoint: path)
+            let unfinished = (try? client?.currentJob()) ?? nil
+            let daemon = client != nil ? Self.daemonPid(path) : nil
+            func done() {
+                if let unfinished { print(LeftBehind.describe(unfinished)) }
+                // Return once the daemon has flushed, recorded the stop and let go of its image
+                // locks, so that the next command (a remount, qemu-img) finds them free.
+                guard let daemon else { return }
+                let deadline = Date().addingTimeInterval(30)
+                while kill(daemon, 0) == 0 || errno != ESRCH {
+                    guard Date() < deadline else {
+                        print("the daemon (pid \(daemon)) is still finishing; its image locks go when it exits")
+                        return
+                    }
+                    usleep(10_000)
+                }
+            }
             if umount2(path, 0) == 0 { return done() }
             let reason = errno
             if reason == EBUSY { throw CLIError("'\(mountpoint)' is busy: a process still uses it") }
@@ -34,6 +51,14 @@ extension Mirrorfs {
             helper.waitUntilExit()
             guard helper.terminationStatus == 0 else { throw CLIError("fusermount3 -u '\(mountpoint)' failed") }
             done()
+        }
+
+        /// The root's `user.mirrorfs.pid`, if the mount answers.
+        private static func daemonPid(_ path: String) -> pid_t? {
+            var buffer = [UInt8](repeating: 0, count: 32)
+            let length = clinux_getxattr(path, "user.mirrorfs.pid", &buffer, UInt(buffer.count))
+            guard length > 0 else { return nil }
+            return pid_t(String(decoding: buffer[0..<Int(length)], as: UTF8.self))
         }
     }
 }

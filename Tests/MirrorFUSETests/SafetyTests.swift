@@ -44,6 +44,29 @@ final class SafetyTests: XCTestCase {
         _ = waitUntil("the daemon of \(mountpoint) to die") { daemonPids(mountpoint).isEmpty }
     }
 
+    /// A file system of `type` (tmpfs with `size`) mounted in the scratch directory until the test ends.
+    private func fileSystem(_ type: String, size: String? = nil, in scratch: Scratch, named name: String = "small") throws -> String {
+        let directory = try scratch.directory(name)
+        let options = size.map { ["-o", "size=\($0)"] } ?? []
+        XCTAssertEqual(try execute("mount", ["-t", type] + options + [type, directory]).status, 0)
+        addTeardownBlock { _ = try? execute("umount", ["-l", directory]) }
+        return directory
+    }
+
+    /// A mount of 24 MiB of data mirrored into an 8 MiB tmpfs: the job fails (ENOSPC, report).
+    private func jobThatFillsItsTarget(_ scratch: Scratch) throws -> (source: String, target: String, small: String,
+                                                                       mnt: String, log: String, command: [String]) {
+        let small = try fileSystem("tmpfs", size: "8M", in: scratch)
+        let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 24 << 20)])
+        let target = small + "/new.raw"
+        let mnt = try scratch.directory("mnt")
+        let log = scratch.file("daemon.log")
+        let command = [source, mnt, "--target", target]
+        XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
+        XCTAssertEqual(waitForJob(mnt, containing: "null").trimmingCharacters(in: .whitespacesAndNewlines), "null")
+        return (source, target, small, mnt, log, command)
+    }
+
     private func unmount(_ mountpoint: String, file: StaticString = #filePath, line: UInt = #line) throws {
         let result = try mirrorfs(["unmount", mountpoint])
         XCTAssertEqual(result.status, 0, result.stderr, file: file, line: line)
@@ -85,17 +108,7 @@ final class SafetyTests: XCTestCase {
 
     func testWritesAfterAFailedJobAreCopiedByTheRestart() throws {
         let scratch = try Scratch()
-        let small = try scratch.directory("small")
-        XCTAssertEqual(try execute("mount", ["-t", "tmpfs", "-o", "size=8M", "tmpfs", small]).status, 0)
-        defer { _ = try? execute("umount", ["-l", small]) }
-        let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 24 << 20)])
-        let target = small + "/new.raw"
-        let mnt = try scratch.directory("mnt")
-        let log = scratch.file("daemon.log")
-        let command = [source, mnt, "--target", target]
-        XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
-        let failed = waitForJob(mnt, containing: "null")
-        XCTAssertEqual(failed.trimmingCharacters(in: .whitespacesAndNewlines), "null")
+        let (source, target, small, mnt, log, command) = try jobThatFillsItsTarget(scratch)
         let events = (try? String(contentsOfFile: mnt + "/.status/events.jsonl", encoding: .utf8)) ?? ""
         XCTAssertTrue(events.contains("No space left on device"), events)
         // Written after the failure, straight through the mount.
@@ -113,9 +126,7 @@ final class SafetyTests: XCTestCase {
 
     func testAPartiallyAppliedSourceWriteIsCopiedBeforeActivelySynced() throws {
         let scratch = try Scratch()
-        let small = try scratch.directory("small")
-        XCTAssertEqual(try execute("mount", ["-t", "tmpfs", "-o", "size=4M", "tmpfs", small]).status, 0)
-        defer { _ = try? execute("umount", ["-l", small]) }
+        let small = try fileSystem("tmpfs", size: "4M", in: scratch)
         let source = small + "/disk.raw"
         XCTAssertEqual(try execute("truncate", ["-s", "16M", source]).status, 0)
         XCTAssertEqual(try qemuIO(source, ["write -P 0x11 0 3584k"]).status, 0)
@@ -267,9 +278,7 @@ final class SafetyTests: XCTestCase {
     func testZeroWritesReachTargetsWhoseFileSystemHasNoFallocate() throws {
         for fileSystem in ["ramfs", "tmpfs"] {
             let scratch = try Scratch()
-            let dir = try scratch.directory("fs")
-            XCTAssertEqual(try execute("mount", ["-t", fileSystem, fileSystem, dir]).status, 0)
-            defer { _ = try? execute("umount", ["-l", dir]) }
+            let dir = try self.fileSystem(fileSystem, in: scratch, named: "fs")
             let source = try scratch.image("disk.raw", size: 16 << 20, randomPieces: [(0, 2 << 20), (8 << 20, 2 << 20)])
             let target = dir + "/new.raw"
             // Random data in the target where the source has holes: the copier must zero them.
@@ -345,15 +354,7 @@ final class SafetyTests: XCTestCase {
     /// log is not trusted once the image was written with no job since the mount began.
     func testNoLogVouchesForATargetItDoesNotDescribe() throws {
         let scratch = try Scratch()
-        let small = try scratch.directory("small")
-        XCTAssertEqual(try execute("mount", ["-t", "tmpfs", "-o", "size=8M", "tmpfs", small]).status, 0)
-        defer { _ = try? execute("umount", ["-l", small]) }
-        let source = try scratch.image("disk.raw", size: 32 << 20, randomPieces: [(0, 24 << 20)])
-        let target = small + "/new.raw"
-        let mnt = try scratch.directory("mnt")
-        let log = scratch.file("daemon.log")
-        XCTAssertEqual(try mountDaemon([source, mnt, "--target", target], log: log).status, 0)
-        XCTAssertEqual(waitForJob(mnt, containing: "null").trimmingCharacters(in: .whitespacesAndNewlines), "null")
+        let (source, target, small, mnt, log, _) = try jobThatFillsItsTarget(scratch)
         // The operator deletes the partial target, frees space and starts again in place.
         XCTAssertEqual(unlink(target), 0)
         XCTAssertEqual(try execute("mount", ["-o", "remount,size=64M", small]).status, 0)
