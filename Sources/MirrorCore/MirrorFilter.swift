@@ -86,7 +86,8 @@ public final class MirrorFilter: Sendable {
         }
         // Drain: writes that missed the job finish before it scans or reads its log.
         while unmirroredWrites.load(ordering: .sequentiallyConsistent) > 0 { usleep(100) }
-        if let replaced, replaced !== log { replaced.retire() }
+        // (A new log at the same path has replaced the file already: nothing to remove.)
+        if let replaced, replaced !== log, replaced.path != log?.path { replaced.retire() }
         job.start()
         return job
     }

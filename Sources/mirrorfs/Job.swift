@@ -17,10 +17,16 @@ extension Mirrorfs {
 /// Returns the final event's name.
 private func waitForEnd(_ client: ControlClient, mountpoint: String) throws -> String {
     var ending = ""
+    var said = false
     while true {
         guard let event = try client.nextEvent(timeout: 1) else {
             guard let job = try client.currentJob() else { return ending }
             try refuseToWaitOn(job, mountpoint: mountpoint)
+            if !said, case .string(let status)? = job["status"], case .int(let dirty)? = job["dirty-bytes"] {
+                // Not silently: the job still converges (writes keep dirtying what it copies).
+                print("waiting for the job to converge: \(status), \(dirty) bytes still to copy")
+                said = true
+            }
             continue
         }
         guard case .string(let name)? = event["event"] else { continue }

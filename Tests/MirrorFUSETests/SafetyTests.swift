@@ -361,6 +361,7 @@ final class SafetyTests: XCTestCase {
         XCTAssertEqual(try mirrorfs(["job", "start", mnt, "--target", target]).status, 0)
         let fresh = waitForJob(mnt, containing: #""ready": true"#)
         XCTAssertFalse(fresh.contains("resumed"), fresh)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: target + ".dirtylog"), "the new job lost its log")
         try unmount(mnt)
         XCTAssertTrue(try identical(source, target), "a new target was filled from an old log")
 
@@ -597,5 +598,25 @@ final class OperatorMessageTests: XCTestCase {
         XCTAssertTrue(cancelled.contains("partial copy"), cancelled)
         XCTAssertFalse(FileManager.default.fileExists(atPath: target + ".dirtylog"), "cancel discards the log")
         try check(mirrorfsBinary, ["unmount", mnt])
+    }
+}
+
+/// The CLI never waits on a daemon without a deadline.
+final class ControlDeadlineTests: XCTestCase {
+    func testCommandsAgainstAStoppedDaemonEndWithinTheirDeadlineInOneLine() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 8 << 20)
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"))
+        kill(mount.process.processIdentifier, SIGSTOP)
+        defer { kill(mount.process.processIdentifier, SIGCONT) }
+        let started = Date()
+        let result = try execute(mirrorfsBinary, ["status", mount.mountpoint, "--json"], timeout: 90)
+        let took = Date().timeIntervalSince(started)
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
+        XCTAssertTrue(result.stderr.contains("does not answer"), result.stderr)
+        XCTAssertLessThan(took, 60, "the CLI waited past its deadline")
+        kill(mount.process.processIdentifier, SIGCONT)
+        XCTAssertEqual(mount.stop(), 0)
     }
 }
