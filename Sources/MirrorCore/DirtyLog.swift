@@ -61,7 +61,7 @@ public final class DirtyLog: @unchecked Sendable {
 
     /// Why an existing log was not resumed.
     public enum Rejection: Error, Equatable, CustomStringConvertible {
-        case missing, truncated, badMagic, wrongVersion(UInt32), badChecksum, identityMismatch, untrusted
+        case missing, truncated, badMagic, wrongVersion(UInt32), badChecksum, identityMismatch, untrusted, partialJob
         public var description: String {
             switch self {
             case .missing: "no log"
@@ -70,7 +70,8 @@ public final class DirtyLog: @unchecked Sendable {
             case .wrongVersion(let v): "the log has version \(v), not \(DirtyLog.version)"
             case .badChecksum: "the log's header checksum does not match"
             case .identityMismatch: "the log belongs to another source or target"
-            case .untrusted: "the image was written without a job since it was mounted, so the log cannot vouch for the target"
+            case .untrusted: "the image was written since it was mounted, so the log cannot vouch for the target"
+            case .partialJob: "the log was kept by a sync-none job, which never copied the whole image"
             }
         }
     }
@@ -83,6 +84,11 @@ public final class DirtyLog: @unchecked Sendable {
     private var currentRecord: Record = .mirroring
     /// Set when a write to the log failed (guarded by `lock`).
     private var brokenReason: String?
+    /// `mark` calls since the log was opened (guarded by `lock`).
+    private var markCount = 0
+    /// Whether the job that created the log copies the whole image (sync full): a log of a
+    /// sync-none job never vouches for regions nobody wrote.
+    public let coversWholeImage: Bool
     /// Where the log tells of its own failure (the daemon's log).
     private let report: @Sendable (String) -> Void
     /// What the log belongs to.
@@ -105,12 +111,13 @@ public final class DirtyLog: @unchecked Sendable {
 
     /// Creates (or replaces) the log with `allDirty` regions set, durably, in `mirroring`.
     public static func create(path: String, identity: Identity, allDirty: Bool, targetName: String = "",
+                              coversWholeImage: Bool = true,
                               report: @escaping @Sendable (String) -> Void = { _ in }) throws(Errno) -> DirtyLog {
         let fd = try system_open(path + ".new", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600).get()
         var jobID = [UInt8](repeating: 0, count: 16)
         for i in jobID.indices { jobID[i] = UInt8.random(in: 0...255) }
         let log = DirtyLog(path: path, fd: fd, identity: identity, generation: 1, jobID: jobID, allDirty: allDirty,
-                           targetName: targetName, report: report)
+                           targetName: targetName, coversWholeImage: coversWholeImage, report: report)
         do {
             try log.writeWhole()
         } catch {
@@ -118,6 +125,7 @@ public final class DirtyLog: @unchecked Sendable {
             throw error
         }
         guard rename(path + ".new", path) == 0 else { throw Errno(rawValue: errno) }
+        syncDirectory(of: path)
         return log
     }
 
@@ -142,7 +150,7 @@ public final class DirtyLog: @unchecked Sendable {
         let nameLength = min(Int(header.load(UInt32.self, at: 160)), Self.maximumTargetName)
         let targetName = String(decoding: header[164..<164 + nameLength], as: UTF8.self)
         let log = DirtyLog(path: path, fd: fd, identity: identity, generation: generation + 1, jobID: jobID, allDirty: false,
-                           targetName: targetName, report: report)
+                           targetName: targetName, coversWholeImage: header.load(UInt32.self, at: 2048) == 1, report: report)
         log.currentRecord = record
         var bitmap = [UInt8](repeating: 0, count: log.bitmapBytes)
         guard case .success(let got) = bitmap.withUnsafeMutableBytes({ system_preadFully(fd, $0, at: UInt64(headerSize)) }),
@@ -157,8 +165,9 @@ public final class DirtyLog: @unchecked Sendable {
     static let maximumTargetName = 1024
 
     private init(path: String, fd: Int32, identity: Identity, generation: UInt64, jobID: [UInt8], allDirty: Bool,
-                 targetName: String, report: @escaping @Sendable (String) -> Void) {
+                 targetName: String, coversWholeImage: Bool, report: @escaping @Sendable (String) -> Void) {
         self.path = path
+        self.coversWholeImage = coversWholeImage
         self.fd = fd
         self.identity = identity
         self.report = report
@@ -185,6 +194,7 @@ public final class DirtyLog: @unchecked Sendable {
         header.store(UInt32(name.count), at: 160)
         header.replaceSubrange(164..<164 + name.count, with: name)
         Record.mirroring.store(into: &header)
+        header.store(UInt32(coversWholeImage ? 1 : 2), at: 2048)
         header.store(crc32(header, excluding: 28..<32), at: 28)
     }
 
@@ -251,6 +261,7 @@ public final class DirtyLog: @unchecked Sendable {
         guard length > 0 else { return }
         let regions = regions(offset, length)
         lock.withLock {
+            markCount += 1
             for r in regions {
                 set(&touchedRecent, r)
                 writesInFlight[r] += 1
@@ -274,6 +285,7 @@ public final class DirtyLog: @unchecked Sendable {
         if unlink(path) != 0 && errno != ENOENT {
             reason = "cannot write the dirty log \(path): \(error), nor remove it (\(String(cString: strerror(errno)))): remove it before a restart"
         }
+        syncDirectory(of: path)
         brokenReason = reason
         lock.broadcast()
         report(reason)
@@ -369,7 +381,18 @@ public final class DirtyLog: @unchecked Sendable {
     /// describes anything.
     public func retire() {
         unlink(path)
+        syncDirectory(of: path)
     }
+
+    /// The log cannot be kept true (a record that may or may not have reached the disk):
+    /// it goes, as when a write to it fails.
+    public func breakLog(_ error: Errno) {
+        lock.withLock { breakLocked(error) }
+    }
+
+    /// Writes that marked this log since it was opened: a log that saw fewer writes than
+    /// the mount served cannot vouch for the target.
+    public var marks: Int { lock.withLock { markCount } }
 
     // MARK: - File
 
@@ -442,6 +465,16 @@ extension Array where Element == UInt8 {
     mutating func store<T: FixedWidthInteger>(_ value: T, at offset: Int) {
         withUnsafeMutableBytes { $0.storeBytes(of: value.littleEndian, toByteOffset: offset, as: T.self) }
     }
+}
+
+/// fsync of the directory holding `path`: a rename or unlink there survives a power loss.
+func syncDirectory(of path: String) {
+    var directory = path
+    if let slash = directory.lastIndex(of: "/") { directory = String(directory[..<slash]) } else { directory = "." }
+    let fd = open(directory.isEmpty ? "/" : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    guard fd >= 0 else { return }
+    _ = fsync(fd)
+    close(fd)
 }
 
 /// CRC-32 (IEEE) of `bytes`, with the bytes in `excluding` taken as zero.

@@ -33,16 +33,18 @@ public final class MirrorFilter: Sendable {
         /// A failed job whose dirty log every write marks until a new job takes it over or
         /// it is discarded: a restart copies what was written after the failure too.
         var failedJob: MirrorJob?
+        /// The failed job's target as it was let go: a job that takes the log over needs it unchanged.
+        var failedJobTargetStamp: ChangeStamp?
     }
     /// Writes on their way to a device without a job (they read `writer == nil`): a job
     /// that starts waits for them, as QEMU drains before inserting its filter, so no
     /// write lands unseen after the job's first scan.
     private let unmirroredWrites = Atomic<Int>(0)
-    /// Whether a write reached the image with neither a job nor a failed job's log since
-    /// the mount began: then no existing dirty log can vouch for a target.
-    private let wroteUnlogged = Atomic<Bool>(false)
+    /// Writes (and hole punches) the mount has served since it began: a dirty log that did
+    /// not see every one of them cannot vouch for a target (`DirtyLog.marks`).
+    private let writesServed = Atomic<Int>(0)
 
-    public var servedUnloggedWrites: Bool { wroteUnlogged.load(ordering: .acquiring) }
+    public var servedWrites: Int { writesServed.load(ordering: .sequentiallyConsistent) }
     /// Leaf lock, taken per request only to read the routing; never held across I/O.
     private let routing: Mutex<Routing>
 
@@ -95,6 +97,9 @@ public final class MirrorFilter: Sendable {
     /// The dirty log a failed job left marking, if any.
     public var failedJobLog: DirtyLog? { routing.withLock { $0.failedJob?.log } }
 
+    /// The failed job's target's change stamp when the job let go of it.
+    public var failedJobTargetStamp: ChangeStamp? { routing.withLock { $0.failedJobTargetStamp } }
+
     /// Discards a failed job's log (`job cancel` after the failure); returns it.
     public func discardFailedJobLog() -> DirtyLog? {
         let log = routing.withLock { r in
@@ -129,11 +134,22 @@ public final class MirrorFilter: Sendable {
     private func jobChanged(_ change: MirrorJob.Lifecycle) {
         routing.withLock { r in
             switch change {
-            case .detach(let pivot, let keepLogging):
-                if pivot, let job = r.writer { r.device = job.target }
-                // A failed job lets go of its target (as QEMU drops it): a new job may take it.
-                if keepLogging != nil, let target = r.writer?.target as? FileBlockDevice { target.unlock() }
-                r.failedJob = keepLogging != nil ? r.writer : nil
+            case .detach(let pivot, let failed):
+                guard let job = r.writer else { return }
+                if pivot {
+                    // The old source is let go, as QEMU drops it after the pivot.
+                    (r.device as? FileBlockDevice)?.unlock()
+                    r.device = job.target
+                } else {
+                    // So is a target no longer written: another user (or job) may take it.
+                    (job.target as? FileBlockDevice)?.unlock()
+                }
+                if failed, job.log != nil {
+                    r.failedJob = job
+                    r.failedJobTargetStamp = job.target.changeStamp
+                } else {
+                    r.failedJob = nil
+                }
                 r.writer = nil
             case .dismissed:
                 r.visible = nil
@@ -161,13 +177,13 @@ public final class MirrorFilter: Sendable {
 
     /// Sends a write to the job while one sees writes, else straight to the device.
     private func route(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy) throws(Errno) {
+        writesServed.add(1, ordering: .sequentiallyConsistent)
         while true {
             unmirroredWrites.add(1, ordering: .sequentiallyConsistent)
             let (device, writer, log) = routing.withLock { ($0.device, $0.writer, $0.failedJob?.log) }
             guard let writer else {
                 defer { unmirroredWrites.subtract(1, ordering: .sequentiallyConsistent) }
                 guard let log else {
-                    if !wroteUnlogged.load(ordering: .relaxed) { wroteUnlogged.store(true, ordering: .releasing) }
                     return try write.apply(to: device, at: offset, skip: 0, length: write.length, cache: cache)
                 }
                 log.mark(offset: offset, length: write.length)

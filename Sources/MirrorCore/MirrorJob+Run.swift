@@ -383,6 +383,9 @@ extension MirrorJob {
                 try log.setRecord(.completed(time: UInt64(max(0, time(nil)))))
             } }
             if case .failure(let error) = recorded {
+                // The header may or may not say `completed` now: the log goes, so no restart
+                // is sent to a target that never became the image.
+                unlocked { log.breakLog(error) }
                 errorAction(isRead: false, error: error)
                 state.drained = false
                 lock.broadcast()
@@ -456,8 +459,12 @@ extension MirrorJob {
     /// The filter stops routing writes through the job (after switching to the target on
     /// pivot); writes held by the drain resume against the device now served. Lock held.
     private func letGo(_ ending: Ending) {
-        if ending == .cancelled, let log { unlocked { log.retire() } }
-        unlocked { lifecycle(.detach(pivot: ending == .pivoted, keepLogging: ending == .failed ? log : nil)) }
+        // Writes already inside the job finish first (QEMU drains before it removes its
+        // filter): none may land after a next job's first pass, unseen. New ones wait.
+        state.drained = true
+        while state.filterWrites > 0 { waitForChange() }
+        if ending == .cancelled, let log, !state.keepLog { unlocked { log.retire() } }
+        unlocked { lifecycle(.detach(pivot: ending == .pivoted, failed: ending == .failed)) }
         state.detached = true
         state.drained = false
         lock.broadcast()

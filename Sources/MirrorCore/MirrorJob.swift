@@ -47,10 +47,10 @@ public final class MirrorJob: @unchecked Sendable {
     /// What the job tells the filter that serves the image, on the job thread.
     public enum Lifecycle: Sendable {
         /// The job lets go of the image's writes; `pivot`: serve the target from now on
-        /// (the source is not touched again). `keepLogging`: the job failed, and its dirty
-        /// log must go on marking every write until it is discarded, so that a restart
-        /// still copies them.
-        case detach(pivot: Bool, keepLogging: DirtyLog?)
+        /// (the source is not touched again). `failed`: the job's dirty log, if any, must
+        /// go on marking every write until it is discarded, so that a restart still copies
+        /// them.
+        case detach(pivot: Bool, failed: Bool)
         /// The job reached `null` and is gone from queries.
         case dismissed
     }
@@ -90,6 +90,8 @@ public final class MirrorJob: @unchecked Sendable {
         var shuttingDown = false
         /// Events queued under the lock, delivered after it is released.
         var outbox: [JobEvent] = []
+        /// A cancel keeps the log (a mount that did not come up keeps what it resumed).
+        var keepLog = false
         /// The job no longer sees writes: they go straight to the device the filter serves.
         var detached = false
         /// Background work queued for the copy workers, and whether they should exit.
@@ -271,6 +273,13 @@ public final class MirrorJob: @unchecked Sendable {
             state.dismissRequested = true
             lock.broadcast()
         }
+    }
+
+    /// Stops the job at once, leaving its dirty log as it is: a mount that did not come
+    /// up must not throw away the log it resumed.
+    public func abandon() {
+        lock.withLock { state.keepLog = true }
+        try? cancel(force: true)
     }
 
     /// The mount ends: no new background copies; returns once those running are done,

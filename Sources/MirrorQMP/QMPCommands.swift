@@ -4,6 +4,7 @@ import MirrorCore
 import MirrorNBD
 import MirrorSetup
 import SystemPackage
+import Synchronization
 
 /// A QMP error: QEMU's class and text.
 public struct QMPError: Error, Equatable {
@@ -174,7 +175,35 @@ public final class QMPCommands: Sendable {
     // MARK: - Dispatch
 
     /// Handles one framed input value; returns the reply (nil: none).
+    /// Commands being handled, and whether the mount is ending (then none is taken).
+    private let activity = Mutex<(running: Int, closed: Bool)>((0, false))
+
+    /// The mount ends: no command runs from now on, and those running have finished when
+    /// this returns (bounded: 30 s), so nothing starts or ends a job behind the clean stop.
+    public func close() {
+        activity.withLock { $0.closed = true }
+        let deadline = monotonicSeconds() + 30
+        while activity.withLock({ $0.running }) > 0 && monotonicSeconds() < deadline { usleep(1000) }
+    }
+
+    private func monotonicSeconds() -> Double {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+    }
+
     func handle(_ frame: [UInt8], session: inout QMPSession) -> JSONValue? {
+        let admitted = activity.withLock { a -> Bool in
+            guard !a.closed else { return false }
+            a.running += 1
+            return true
+        }
+        guard admitted else { return QMPError.generic("The mount is ending: no command is taken").reply(id: nil) }
+        defer { activity.withLock { $0.running -= 1 } }
+        return dispatch(frame, session: &session)
+    }
+
+    private func dispatch(_ frame: [UInt8], session: inout QMPSession) -> JSONValue? {
         let message: JSONValue
         do {
             message = try QMPJSONParser.parse(frame)

@@ -80,6 +80,7 @@ public final class QMPServer: Sendable {
     /// and close it).
     public func stop() {
         shutdown(listener, Int32(SHUT_RDWR))
+        commands.close()
         for client in clients.withLock({ Array($0.values) }) { client.shutDown() }
     }
 

@@ -92,7 +92,8 @@ public struct JobSetup: Sendable {
         guard let source = filter.device as? FileBlockDevice else {
             throw JobError("the image is served from an NBD export now: mirroring it again is not supported")
         }
-        let preparation = Preparation(setup: self, source: source, untrusted: filter.servedUnloggedWrites)
+        let preparation = Preparation(setup: self, source: source, writesServed: filter.servedWrites,
+                                      failedJobTargetStamp: filter.failedJobTargetStamp)
         let prepared = try preparation.prepare(request, adopting: filter.failedJobLog)
         do {
             let job = try filter.startMirror(to: prepared.target, options: prepared.options, log: prepared.log)
@@ -126,9 +127,11 @@ public struct JobSetup: Sendable {
 private struct Preparation {
     let setup: JobSetup
     let source: FileBlockDevice
-    /// The image was written without a job (and without a log) since it was mounted: no
-    /// existing log can vouch for the target.
-    let untrusted: Bool
+    /// Writes the mount has served: a log read from disk vouches for a target only while
+    /// this is 0; a failed job's log in memory only if it marked every one of them.
+    let writesServed: Int
+    /// The failed job's target when it was let go: adopting its log needs it unchanged.
+    let failedJobTargetStamp: ChangeStamp?
     var imageName: String { setup.imageName }
     var mountpoint: String { setup.mountpoint }
     var bufferPool: AlignedBufferPool { setup.bufferPool }
@@ -142,7 +145,8 @@ private struct Preparation {
             throw JobError("the NBD timeout must be more than 0 and at most 3600 seconds")
         }
         let isNBD = NBDBlockDevice.isURI(request.target)
-        let targetPath = isNBD ? request.target : absolute(request.target)
+        // Links resolved: every spelling of one target finds the same log and record.
+        let targetPath = isNBD ? request.target : resolvedPrefix(absolute(request.target))
         if !isNBD { options.targetName = targetPath }
         // The target: checked, opened (created last), locked.
         var created: String?
@@ -333,8 +337,11 @@ private struct Preparation {
                          options: inout MirrorOptions) throws(JobError) -> DirtyLog {
         let identity = DirtyLog.Identity(source: source, target: target)
         let name = options.targetName ?? ""
+        let wholeImage = options.sync == .full
         if let failedLog, failedLog.path == path, existed, failedLog.identity == identity,
-           failedLog.record == .mirroring, failedLog.broken == nil {
+           failedLog.record == .mirroring, failedLog.broken == nil, failedLog.marks >= writesServed,
+           failedLog.coversWholeImage || !wholeImage,
+           let stamp = failedJobTargetStamp, target.changeStamp == stamp {
             // The failed job's log, still marked by every write since: its bits are current.
             return resumed(failedLog, reason: "resumed from the dirty log of the failed job", options: &options)
         }
@@ -342,8 +349,11 @@ private struct Preparation {
         if existed {
             do {
                 let log = try DirtyLog.resume(path: path, identity: identity, report: setup.log)
-                if untrusted, log.record == .mirroring || log.record.isStopped {
+                if writesServed > 0, log.record == .mirroring || log.record.isStopped {
                     throw DirtyLog.Rejection.untrusted
+                }
+                if wholeImage && !log.coversWholeImage, log.record == .mirroring || log.record.isStopped {
+                    throw DirtyLog.Rejection.partialJob
                 }
                 switch log.record {
                 case .completed(let time):
@@ -369,12 +379,12 @@ private struct Preparation {
             } catch {
                 throw JobError("dirty log '\(path)': \(error)")
             }
-            options.resyncBytes = source.size
-            options.resyncReason = reason
+            options.resyncBytes = wholeImage ? source.size : 0
+            options.resyncReason = wholeImage ? reason : nil
         }
         do {
-            return try DirtyLog.create(path: path, identity: identity, allDirty: options.sync == .full || existed,
-                                       targetName: name, report: setup.log)
+            return try DirtyLog.create(path: path, identity: identity, allDirty: wholeImage,
+                                       targetName: name, coversWholeImage: wholeImage, report: setup.log)
         } catch {
             throw JobError("cannot create dirty log '\(path)': \(error)")
         }

@@ -37,9 +37,13 @@ final class ControlClient {
 
     deinit { close(fd) }
 
-    /// The root's `user.mirrorfs.qmp` attribute, read on a thread of its own: a mount whose
-    /// daemon is stopped would block the read forever.
     private static func socketPath(of mountpoint: String) throws -> String {
+        try rootAttribute("user.mirrorfs.qmp", of: mountpoint)
+    }
+
+    /// A root attribute of the mount, read on a thread of its own: a mount whose daemon is
+    /// stopped would block the read forever.
+    static func rootAttribute(_ name: String, of mountpoint: String) throws -> String {
         final class Box: @unchecked Sendable {
             var result: Result<String, CLIError>?
             let done = DispatchSemaphore(value: 0)
@@ -47,7 +51,7 @@ final class ControlClient {
         let box = Box()
         let thread = Thread {
             var buffer = [UInt8](repeating: 0, count: 4096)
-            let length = clinux_getxattr(mountpoint, "user.mirrorfs.qmp", &buffer, UInt(buffer.count))
+            let length = clinux_getxattr(mountpoint, name, &buffer, UInt(buffer.count))
             box.result = length > 0
                 ? .success(String(decoding: buffer[0..<Int(length)], as: UTF8.self))
                 : .failure(CLIError("'\(mountpoint)' is not a mirrorfs mount (\(String(cString: strerror(errno))))"))

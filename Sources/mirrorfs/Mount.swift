@@ -153,7 +153,8 @@ extension Mirrorfs {
 /// target the start created is removed.
 private func abandonJob(_ filter: MirrorFilter, createdTarget: String?) {
     guard let job = filter.job else { return }
-    try? job.cancel(force: true)
+    // A log this start resumed stays for the next attempt; one it created goes with the job.
+    if job.options.resumeFromLog { job.abandon() } else { try? job.cancel(force: true) }
     let deadline = Date().addingTimeInterval(10)
     while filter.job != nil && Date() < deadline { usleep(10_000) }
     if let createdTarget, filter.job == nil { unlink(createdTarget) }

@@ -24,14 +24,14 @@ extension Mirrorfs {
             // Asked only of a mount that answers (a stopped daemon would hold the reads).
             let client = try? ControlClient(mountpoint: path)
             let unfinished = (try? client?.currentJob()) ?? nil
-            let daemon = client != nil ? Self.daemonPid(path) : nil
+            let daemon = (try? ControlClient.rootAttribute("user.mirrorfs.pid", of: path)).flatMap { pid_t($0) }
             func done() {
                 if let unfinished { print(LeftBehind.describe(unfinished)) }
                 // Return once the daemon has flushed, recorded the stop and let go of its image
                 // locks, so that the next command (a remount, qemu-img) finds them free.
                 guard let daemon else { return }
                 let deadline = Date().addingTimeInterval(30)
-                while kill(daemon, 0) == 0 || errno != ESRCH {
+                while Self.isRunning(daemon) {
                     guard Date() < deadline else {
                         print("the daemon (pid \(daemon)) is still finishing; its image locks go when it exits")
                         return
@@ -53,12 +53,12 @@ extension Mirrorfs {
             done()
         }
 
-        /// The root's `user.mirrorfs.pid`, if the mount answers.
-        private static func daemonPid(_ path: String) -> pid_t? {
-            var buffer = [UInt8](repeating: 0, count: 32)
-            let length = clinux_getxattr(path, "user.mirrorfs.pid", &buffer, UInt(buffer.count))
-            guard length > 0 else { return nil }
-            return pid_t(String(decoding: buffer[0..<Int(length)], as: UTF8.self))
+        /// Whether `pid` still runs (a zombie nobody reaps has let go of everything).
+        private static func isRunning(_ pid: pid_t) -> Bool {
+            guard kill(pid, 0) == 0 || errno != ESRCH else { return false }
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { return false }
+            return !stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
         }
     }
 }

@@ -373,9 +373,28 @@ final class SafetyTests: XCTestCase {
         XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x3c 2M 1M", "flush"]).status, 0)
         XCTAssertEqual(try mirrorfs(["job", "start", mnt, "--target", target]).status, 0)
         let json = waitForJob(mnt, containing: #""ready": true"#)
-        XCTAssertTrue(json.contains("written without a job"), json)
+        XCTAssertTrue(json.contains("written since it was mounted"), json)
         try unmount(mnt)
         XCTAssertTrue(try identical(source, target), "writes made without a job were not copied")
+    }
+
+    /// The log of a sync-none job never stands in for the whole copy a sync-full job owes.
+    func testASyncNoneLogIsNotResumedByAFullMirror() throws {
+        let scratch = try Scratch()
+        // Old data in the first 64 MiB region, the new write in the third.
+        let source = try scratch.image("disk.raw", size: 192 << 20, randomPieces: [(0, 8 << 20)])
+        let target = scratch.file("new.raw")  // created by the sync-none job: it holds none of the old data
+        let mnt = try scratch.directory("mnt")
+        let log = scratch.file("daemon.log")
+        XCTAssertEqual(try mountDaemon([source, mnt, "--target", target, "--sync", "none"], log: log).status, 0)
+        waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x2f 130M 64k", "flush"]).status, 0)
+        try unmount(mnt)
+        XCTAssertEqual(try mountDaemon([source, mnt, "--target", target], log: log).status, 0)
+        let json = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(json.contains("sync-none job"), json)
+        try unmount(mnt)
+        XCTAssertTrue(try identical(source, target), "a full mirror trusted a sync-none log")
     }
 
     /// Two targets of one file name under one --state-dir have logs of their own.
