@@ -35,6 +35,8 @@ public final class FUSESession {
     private let fileSystem: Unmanaged<FUSEFileSystem>
     public let mountpoint: String
     private var mounted = false
+    /// Whether the mount ever came up (a `run` that throws before it did mounted nothing).
+    public private(set) var didMount = false
 
     public init(fileSystem: FUSEFileSystem, mountpoint: String, options: MountOptions) throws {
         self.mountpoint = mountpoint
@@ -76,6 +78,7 @@ public final class FUSESession {
             throw FUSEError(description: "cannot mount on \(mountpoint) (see the message above)")
         }
         mounted = true
+        didMount = true
         let config = fuse_loop_cfg_create()
         defer { fuse_loop_cfg_destroy(config) }
         fuse_loop_cfg_set_max_threads(config, workerThreads)

@@ -127,14 +127,20 @@ extension Mirrorfs {
             var options = MountOptions(fsName: image.path)
             options.readOnly = readOnly
             options.allowOther = allowOther
+            let session: FUSESession
             do {
-                let session = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options)
-                try session.run()
+                session = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options)
             } catch {
-                // Not mounted: the job this command started goes, with what it created.
                 abandonJob(filter, createdTarget: createdTarget)
                 throw error
             }
+            let served = Result { try session.run() }
+            if case .failure = served, !session.didMount {
+                // Not mounted: the job this command started goes, with what it created.
+                abandonJob(filter, createdTarget: createdTarget)
+                try served.get()
+            }
+            // A loop that ended with an error still ends the mount cleanly below.
             // No command may start or complete a job while the mount ends.
             server.stop()
             // Leave the images as durable as the unmount implies, and the log a record of it.
@@ -145,6 +151,7 @@ extension Mirrorfs {
                 Log.info("the failed job's dirty log \(log.path) is kept: mounting with --target \(log.targetName) copies what it marks")
             }
             Log.info("unmounted \(mountpoint)")
+            try served.get()
         }
     }
 }

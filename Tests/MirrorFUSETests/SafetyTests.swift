@@ -639,3 +639,36 @@ final class ControlDeadlineTests: XCTestCase {
         XCTAssertEqual(mount.stop(), 0)
     }
 }
+
+/// A mount that does not come up leaves nothing behind: not the target its job created,
+/// not the job's log.
+final class FailedMountTests: XCTestCase {
+    func testAMountThatFailsRemovesTheTargetItsJobCreated() throws {
+        let conf = (try? String(contentsOfFile: "/etc/fuse.conf", encoding: .utf8)) ?? ""
+        let allowed = conf.split(separator: "\n").contains { $0.trimmingCharacters(in: .whitespaces) == "user_allow_other" }
+        let scratch = try Scratch()
+        XCTAssertEqual(chmod(scratch.path, 0o777), 0)
+        let source = try scratch.image("disk.raw", size: 8 << 20, randomPieces: [(0, 1 << 20)])
+        XCTAssertEqual(chown(source, 65534, 65534), 0)
+        let mnt = try scratch.directory("mnt")
+        XCTAssertEqual(chown(mnt, 65534, 65534), 0)
+        let run = try scratch.directory("run")
+        XCTAssertEqual(chown(run, 65534, 65534), 0)
+        let target = scratch.file("new.raw")
+        // As a user, --allow-other needs user_allow_other in /etc/fuse.conf: the mount fails.
+        let result = try execute("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", mirrorfsBinary, "mount",
+                                             source, mnt, "--target", target, "--allow-other", "--qmp", run + "/q.sock",
+                                             "--daemonize", "--log-file", run + "/log"],
+                                 timeout: 30)
+        if allowed {
+            XCTAssertEqual(result.status, 0, "with user_allow_other the mount works: \(result.stderr)")
+            _ = try? execute(mirrorfsBinary, ["unmount", mnt])
+            return
+        }
+        XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
+        XCTAssertNotEqual(result.status, 0, result.stderr)
+        XCTAssertFalse(isMounted(mnt))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: target), "the failed mount left its target")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: target + ".dirtylog"), "the failed mount left its log")
+    }
+}
