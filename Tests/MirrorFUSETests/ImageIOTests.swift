@@ -49,7 +49,7 @@ final class ImageIOTests: XCTestCase {
                 let out = try check("fio", [
                     "--name=verify", "--filename=\(mount.image)", "--rw=\(rw)", "--bs=\(bs)",
                     "--direct=\(direct)", "--numjobs=4", "--size=32M", "--offset_increment=32M",
-                    "--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                    "--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
                     "--group_reporting", "--output-format=terse",
                 ])
                 XCTAssertFalse(out.isEmpty)
