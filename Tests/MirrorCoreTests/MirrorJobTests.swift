@@ -48,6 +48,22 @@ final class MirrorJobTests: XCTestCase {
         return (MirrorFilter(source: source, readOnly: false), source)
     }
 
+    /// Starts a 64 KiB write of `byte` through `filter` and returns once it is held inside
+    /// `source`'s write: signal `proceed` to let it land; `written` is signalled when it returned.
+    private func heldWrite(through filter: MirrorFilter, of source: MemoryBlockDevice, byte: UInt8, at offset: UInt64,
+                           file: StaticString = #filePath, line: UInt = #line) -> (proceed: DispatchSemaphore, written: DispatchSemaphore) {
+        let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
+        source.gate.withLock { $0 = (entered, proceed) }
+        let written = DispatchSemaphore(value: 0)
+        Thread {
+            let data = [UInt8](repeating: byte, count: 65536)
+            _ = try? data.withUnsafeBytes { try filter.write($0, at: offset, cache: .cached) }
+            written.signal()
+        }.start()
+        XCTAssertEqual(entered.wait(timeout: .now() + 10), .success, "the write never reached the source", file: file, line: line)
+        return (proceed, written)
+    }
+
     /// A write that found no job and is still on its way to the source when a job starts
     /// is seen by the job (QEMU drains before inserting its filter): the start waits for it,
     /// so the job's scan of a sparse source finds its data and the target gets it.
@@ -58,15 +74,7 @@ final class MirrorJobTests: XCTestCase {
         let target = MemoryBlockDevice(size: size)
         let recorder = EventRecorder()
         filter.addEventListener { recorder.record($0) }
-        let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
-        source.gate.withLock { $0 = (entered, proceed) }
-        let written = DispatchSemaphore(value: 0)
-        let data = [UInt8](repeating: 0xa7, count: 65536)
-        Thread {
-            _ = try? data.withUnsafeBytes { try filter.write($0, at: 1 << 20, cache: .cached) }
-            written.signal()
-        }.start()
-        XCTAssertEqual(entered.wait(timeout: .now() + 10), .success)
+        let (proceed, written) = heldWrite(through: filter, of: source, byte: 0xa7, at: 1 << 20)
         let options = { var o = MirrorOptions(jobID: "disk.raw"); o.targetIsZero = true; return o }()  // scans for data
         let started = DispatchSemaphore(value: 0)
         Thread {
@@ -96,15 +104,7 @@ final class MirrorJobTests: XCTestCase {
         filter.addEventListener { recorder.record($0) }
         let job = try filter.startMirror(to: target, options: MirrorOptions(jobID: "disk.raw"))
         recorder.wait(for: "BLOCK_JOB_READY")
-        let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
-        source.gate.withLock { $0 = (entered, proceed) }
-        let written = DispatchSemaphore(value: 0)
-        let data = [UInt8](repeating: 0x5e, count: 65536)
-        Thread {
-            _ = try? data.withUnsafeBytes { try filter.write($0, at: 2 << 20, cache: .cached) }
-            written.signal()
-        }.start()
-        XCTAssertEqual(entered.wait(timeout: .now() + 10), .success)
+        let (proceed, written) = heldWrite(through: filter, of: source, byte: 0x5e, at: 2 << 20)
         try job.change(copyMode: .writeBlocking)
         // The job's loop runs every 0.1 s at most; it must not call this synced meanwhile.
         let deadline = Date().addingTimeInterval(0.5)

@@ -44,6 +44,15 @@ final class SafetyTests: XCTestCase {
         _ = waitUntil("the daemon of \(mountpoint) to die") { daemonPids(mountpoint).isEmpty }
     }
 
+    /// Waits for ready, checks job.json says `reason`, unmounts, and checks target == source.
+    private func assertReadyWith(_ reason: String, then mnt: String, leaves source: String, equalTo target: String,
+                                 _ message: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let json = waitForJob(mnt, containing: #""ready": true"#)
+        XCTAssertTrue(json.contains(reason), json, file: file, line: line)
+        try unmount(mnt, file: file, line: line)
+        XCTAssertTrue(try identical(source, target), message, file: file, line: line)
+    }
+
     /// A file system of `type` (tmpfs with `size`) mounted in the scratch directory until the test ends.
     private func fileSystem(_ type: String, size: String? = nil, in scratch: Scratch, named name: String = "small") throws -> String {
         let directory = try scratch.directory(name)
@@ -116,10 +125,7 @@ final class SafetyTests: XCTestCase {
         try unmount(mnt)
         XCTAssertEqual(try execute("mount", ["-o", "remount,size=64M", small]).status, 0)
         XCTAssertEqual(try mountDaemon(command, log: log).status, 0)
-        let json = waitForJob(mnt, containing: #""ready": true"#)
-        XCTAssertTrue(json.contains("resumed from the dirty log"), json)
-        try unmount(mnt)
-        XCTAssertTrue(try identical(source, target), "the target lacks writes made after the failure")
+        try assertReadyWith("resumed from the dirty log", then: mnt, leaves: source, equalTo: target, "the target lacks writes made after the failure")
     }
 
     // MARK: - 3. A partial source write is dirty, never synced
@@ -313,10 +319,7 @@ final class SafetyTests: XCTestCase {
         XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x42 20M 1M", "flush"]).status, 0)
         killDaemon(mnt)
         XCTAssertEqual(try mountDaemon([source, mnt, "--target", target, "--state-dir", states], log: log).status, 0)
-        let resumed = waitForJob(mnt, containing: #""ready": true"#)
-        XCTAssertTrue(resumed.contains("resumed from the dirty log"), resumed)
-        try unmount(mnt)
-        XCTAssertTrue(try identical(source, target))
+        try assertReadyWith("resumed from the dirty log", then: mnt, leaves: source, equalTo: target, "target and source differ")
     }
 
     func testTheCLIAndQMPRefuseABadTargetWithTheSameError() throws {
@@ -372,10 +375,7 @@ final class SafetyTests: XCTestCase {
         XCTAssertEqual(try mountDaemon([source, mnt], log: log).status, 0)
         XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x3c 2M 1M", "flush"]).status, 0)
         XCTAssertEqual(try mirrorfs(["job", "start", mnt, "--target", target]).status, 0)
-        let json = waitForJob(mnt, containing: #""ready": true"#)
-        XCTAssertTrue(json.contains("written since it was mounted"), json)
-        try unmount(mnt)
-        XCTAssertTrue(try identical(source, target), "writes made without a job were not copied")
+        try assertReadyWith("written since it was mounted", then: mnt, leaves: source, equalTo: target, "writes made without a job were not copied")
     }
 
     /// The log of a sync-none job never stands in for the whole copy a sync-full job owes.
@@ -391,10 +391,7 @@ final class SafetyTests: XCTestCase {
         XCTAssertEqual(try qemuIO(mnt + "/disk.raw", ["write -P 0x2f 130M 64k", "flush"]).status, 0)
         try unmount(mnt)
         XCTAssertEqual(try mountDaemon([source, mnt, "--target", target], log: log).status, 0)
-        let json = waitForJob(mnt, containing: #""ready": true"#)
-        XCTAssertTrue(json.contains("sync-none job"), json)
-        try unmount(mnt)
-        XCTAssertTrue(try identical(source, target), "a full mirror trusted a sync-none log")
+        try assertReadyWith("sync-none job", then: mnt, leaves: source, equalTo: target, "a full mirror trusted a sync-none log")
     }
 
     /// Two targets of one file name under one --state-dir have logs of their own.
