@@ -46,7 +46,7 @@ let package = Package(
         // One job-setup path for the CLI and QMP: target checks, creation, image locks, the dirty log.
         .target(
             name: "MirrorSetup",
-            dependencies: ["MirrorCore", "MirrorNBD"]
+            dependencies: ["CLinux", "MirrorCore", "MirrorNBD"]
         ),
         // QEMU's Machine Protocol on a unix socket: framing, command table → job verbs.
         .target(
@@ -59,8 +59,11 @@ let package = Package(
                 "CLinux", "MirrorCore", "MirrorFUSE", "MirrorNBD", "MirrorQMP", "MirrorSetup",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "SystemPackage", package: "swift-system"),
-            ]
+            ],
+            plugins: ["BuildInfo"]
         ),
+        // The version (VERSION) and the commit, generated into the executable at build time.
+        .plugin(name: "BuildInfo", capability: .buildTool()),
         .testTarget(
             name: "MirrorQMPTests",
             dependencies: ["MirrorQMP", "MirrorCore", "MirrorSetup"]

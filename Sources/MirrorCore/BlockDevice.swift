@@ -45,12 +45,15 @@ public protocol BlockDevice: AnyObject, Sendable {
     func fileSystemStatistics() -> statvfs?
     /// When the storage last changed (a file's ctime); nil when it cannot tell (NBD).
     var changeStamp: ChangeStamp? { get }
+    /// Where the device's data lives, as a person names it: a path or an NBD URI.
+    var location: String { get }
 }
 
 extension BlockDevice {
     public func retryNow() {}
     public var changeStamp: ChangeStamp? { nil }
     public func fileSystemStatistics() -> statvfs? { nil }
+    public var location: String { "\(type(of: self))" }
 }
 
 /// FNV-1a, 64 bits: a hash of a name that stays the same across runs (Swift's Hasher is

@@ -7,6 +7,7 @@ import SystemPackage
 /// so that QEMU's cache=none through the mount stays cache=none on the image.
 public final class FileBlockDevice: BlockDevice {
     public let path: String
+    public var location: String { path }
     public let size: UInt64
     public let isReadOnly: Bool
     /// Device and inode of the open file: the identity used to tell two paths apart.

@@ -24,6 +24,8 @@ public struct BlockJobInfo: Sendable, Equatable {
     public var resyncReason: String?
     public var target: String?
     public var dirtyLog: String?
+    /// Seconds since the job started (one decimal).
+    public var elapsedSeconds: Double = 0
 }
 
 extension BlockJobInfo {
@@ -41,6 +43,7 @@ extension BlockJobInfo {
                     ("dirty-bytes", .int(Int64(dirtyBytes)))]
         if let resyncBytes { members.append(("resync-bytes", .int(Int64(resyncBytes)))) }
         if let resyncReason { members.append(("resync-reason", .string(resyncReason))) }
+        members.append(("elapsed-seconds", .double(elapsedSeconds)))
         if let target { members.append(("target", .string(target))) }
         members.append(("dirty-log", dirtyLog.map { .string($0) } ?? .null))
         return .object(members)

@@ -12,6 +12,16 @@ public enum AllocationChange: Sendable, Equatable {
     case preallocate
 }
 
+/// A job that stopped seeing writes: pivoted onto its target, failed, or cancelled.
+public struct JobDetach: Sendable {
+    public let job: String
+    public let target: String
+    public let pivoted: Bool
+    public let failed: Bool
+    /// Where the image is served from now.
+    public let serving: String
+}
+
 /// Every request on the image passes through here, as every request of a QEMU guest
 /// passes through the mirror_top filter. It enforces the image's fixed size and
 /// read-only flag, then forwards to the device the image is served from — through the
@@ -22,6 +32,8 @@ public final class MirrorFilter: Sendable {
     public let size: UInt64
     /// Called for every event after it is logged (the QMP server's broadcast).
     private let eventListeners = Mutex<[@Sendable (JobEvent) -> Void]>([])
+    /// Called when a job stops seeing writes: how it ended, and the device served after.
+    private let detachListeners = Mutex<[@Sendable (JobDetach) -> Void]>([])
 
     private struct Routing {
         /// The device the image is served from: the source, or the target after a pivot.
@@ -63,6 +75,10 @@ public final class MirrorFilter: Sendable {
 
     public func addEventListener(_ listener: @escaping @Sendable (JobEvent) -> Void) {
         eventListeners.withLock { $0.append(listener) }
+    }
+
+    public func addDetachListener(_ listener: @escaping @Sendable (JobDetach) -> Void) {
+        detachListeners.withLock { $0.append(listener) }
     }
 
     // MARK: - Jobs
@@ -132,10 +148,10 @@ public final class MirrorFilter: Sendable {
     }
 
     private func jobChanged(_ change: MirrorJob.Lifecycle) {
-        routing.withLock { r in
+        let detached = routing.withLock { r -> JobDetach? in
             switch change {
             case .detach(let pivot, let failed):
-                guard let job = r.writer else { return }
+                guard let job = r.writer else { return nil }
                 if pivot {
                     // The old source is let go, as QEMU drops it after the pivot.
                     (r.device as? FileBlockDevice)?.unlock()
@@ -151,10 +167,15 @@ public final class MirrorFilter: Sendable {
                     r.failedJob = nil
                 }
                 r.writer = nil
+                return JobDetach(job: job.id, target: job.target.location, pivoted: pivot, failed: failed,
+                                 serving: r.device.location)
             case .dismissed:
                 r.visible = nil
+                return nil
             }
         }
+        guard let detached else { return }
+        for listener in detachListeners.withLock({ $0 }) { listener(detached) }
     }
 
     // MARK: - I/O
@@ -238,5 +259,11 @@ public final class MirrorFilter: Sendable {
     public func jobJSON() -> String {
         guard let job else { return "null\n" }
         return job.info().jsonText + "\n"
+    }
+
+    /// `.status/metrics.prom`: the image's and the job's figures for Prometheus.
+    public func metricsText(imageName: String) -> String {
+        JobMetrics.text(image: imageName, imageSize: size, writesServed: servedWrites,
+                        serving: device.location, job: job?.info())
     }
 }

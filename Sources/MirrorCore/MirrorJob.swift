@@ -20,6 +20,8 @@ public final class MirrorJob: @unchecked Sendable {
     public let options: MirrorOptions
     let source: any BlockDevice
     public let target: any BlockDevice
+    /// When the job was created (monotonic seconds): job.json's `elapsed-seconds`.
+    let startedAt: Double
     let size: UInt64
     /// Largest run of chunks one background operation takes.
     let maxRunBytes: UInt64
@@ -125,6 +127,7 @@ public final class MirrorJob: @unchecked Sendable {
         self.source = source
         self.target = target
         self.size = source.size
+        self.startedAt = monotonicNow()
         let granularity = options.granularity
         let opBytes = max(options.bufSize / UInt64(Self.maxInFlight), Self.maxIOBytes)
         self.maxRunBytes = max(opBytes / granularity * granularity, granularity)
@@ -309,7 +312,8 @@ public final class MirrorJob: @unchecked Sendable {
                 autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, error: state.error,
                 activelySynced: activelySynced, copyMode: copyMode, dirtyBytes: dirtyBytes,
                 resyncBytes: options.resyncBytes, resyncReason: options.resyncReason,
-                target: options.targetName, dirtyLog: log?.path)
+                target: options.targetName, dirtyLog: log?.path,
+                elapsedSeconds: ((monotonicNow() - startedAt) * 10).rounded() / 10)
         }
     }
 

@@ -11,10 +11,15 @@ enum Node: fuse_ino_t {
     case statusDirectory = 3
     case jobJSON = 4
     case eventsJSONL = 5
+    case metricsProm = 6
 
     static let statusDirectoryName = ".status"
     static let jobJSONName = "job.json"
     static let eventsJSONLName = "events.jsonl"
+    static let metricsPromName = "metrics.prom"
+
+    /// The status files, each read as one snapshot per open.
+    var isStatusFile: Bool { self == .jobJSON || self == .eventsJSONL || self == .metricsProm }
 }
 
 /// State the FUSE callbacks reach through `fuse_req_userdata`: the filter every image
@@ -34,10 +39,17 @@ public final class FUSEFileSystem: Sendable {
     /// The serving daemon's pid, so that `unmount` can wait until it has let go of the images.
     public static let pidAttribute = "user.mirrorfs.pid"
 
+    /// The file the image is served from now (the target's after a pivot), so that
+    /// `mirrorfs list` shows it.
+    public static let servingAttribute = "user.mirrorfs.serving"
+    /// The target of the job that runs, if any: a start that finds it locked names the mount.
+    public static let targetAttribute = "user.mirrorfs.target"
+
     /// The root's extended attributes.
     var rootAttributes: [String: String] {
-        var attributes = [Self.pidAttribute: String(getpid())]
+        var attributes = [Self.pidAttribute: String(getpid()), Self.servingAttribute: filter.device.location]
         if let controlSocket { attributes[Self.controlSocketAttribute] = controlSocket }
+        if let job = filter.job { attributes[Self.targetAttribute] = job.target.location }
         return attributes
     }
     /// Whether O_DIRECT opens of the image get O_DIRECT on the source (QEMU's
@@ -85,6 +97,7 @@ public final class FUSEFileSystem: Sendable {
         case (.root, Node.statusDirectoryName): .statusDirectory
         case (.statusDirectory, Node.jobJSONName): .jobJSON
         case (.statusDirectory, Node.eventsJSONLName): .eventsJSONL
+        case (.statusDirectory, Node.metricsPromName): .metricsProm
         default: nil
         }
     }
@@ -93,7 +106,8 @@ public final class FUSEFileSystem: Sendable {
     func entries(of node: Node) -> [(name: String, node: Node)]? {
         switch node {
         case .root: [(".", .root), ("..", .root), (imageName, .image), (Node.statusDirectoryName, .statusDirectory)]
-        case .statusDirectory: [(".", .statusDirectory), ("..", .root), (Node.jobJSONName, .jobJSON), (Node.eventsJSONLName, .eventsJSONL)]
+        case .statusDirectory: [(".", .statusDirectory), ("..", .root), (Node.jobJSONName, .jobJSON), (Node.eventsJSONLName, .eventsJSONL),
+                                (Node.metricsPromName, .metricsProm)]
         default: nil
         }
     }
@@ -121,7 +135,7 @@ public final class FUSEFileSystem: Sendable {
             case .success(let bytes): st.st_blocks = blkcnt_t((bytes + 511) / 512)
             case .failure(let e): return .failure(e)
             }
-        case .jobJSON, .eventsJSONL:
+        case .jobJSON, .eventsJSONL, .metricsProm:
             st.st_mode = S_IFREG | 0o444
             st.st_nlink = 1
             let open = statusSnapshots.withLock { $0.newestSize[node]?.size }
@@ -148,6 +162,7 @@ public final class FUSEFileSystem: Sendable {
         switch node {
         case .jobJSON: Array(filter.jobJSON().utf8)
         case .eventsJSONL: Array(filter.events.text().utf8)
+        case .metricsProm: Array(filter.metricsText(imageName: imageName).utf8)
         default: []
         }
     }

@@ -137,7 +137,7 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
             // direct_io: every read and write reaches the daemon (SPEC 7); parallel direct
             // writes: the kernel would otherwise serialise writes to the one inode.
             _ = cfuse_reply_open_flags(req, handle, UInt32(CFUSE_FOPEN_DIRECT_IO | CFUSE_FOPEN_PARALLEL_DIRECT_WRITES))
-        case .jobJSON, .eventsJSONL:
+        case .jobJSON, .eventsJSONL, .metricsProm:
             if writing { return replyError(req, .permissionDenied) }
             // direct_io: the file changes size with its content; no stale page cache.
             _ = cfuse_reply_open_flags(req, fs.openStatusSnapshot(of: n), UInt32(CFUSE_FOPEN_DIRECT_IO))
@@ -145,7 +145,7 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
     }
 
     ops.release = { req, ino, fi in
-        if let n = node(ino), n == .jobJSON || n == .eventsJSONL, let fi {
+        if let n = node(ino), n.isStatusFile, let fi {
             fileSystem(req).closeStatusSnapshot(fi.pointee.fh)
         }
         fuse_reply_err(req, 0)
@@ -165,7 +165,7 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
                     replyError(req, error)
                 }
             }
-        case .jobJSON, .eventsJSONL:
+        case .jobJSON, .eventsJSONL, .metricsProm:
             guard let bytes = fs.statusSnapshot(fi.pointee.fh, offset: Int(offset), size: size) else {
                 return replyError(req, .badFileDescriptor)
             }

@@ -14,6 +14,7 @@ public final class NBDBlockDevice: BlockDevice, @unchecked Sendable {
     static let maxRange: UInt64 = 64 << 20
 
     public let uri: String
+    public var location: String { uri }
     public let size: UInt64
     public let timeout: Double
     /// What the server offers, as negotiated on the first connection.

@@ -160,6 +160,52 @@ public final class QMPCommands: Sendable {
         ]
     }
 
+    /// Commands that act on the job (the others only read).
+    private static func changesState(_ name: String) -> Bool {
+        !name.hasPrefix("query-") && name != "qmp_capabilities"
+    }
+
+    private static func describe(_ arguments: [(String, JSONValue)]) -> String {
+        arguments.map { "\($0.0) \($0.1.compactText)" }.joined(separator: ", ")
+    }
+
+    /// What a command that succeeded did, for the daemon's log.
+    private static func sentence(for name: String, _ arguments: [(String, JSONValue)]) -> String? {
+        func argument(_ key: String) -> String {
+            switch arguments.first(where: { $0.0 == key })?.1 {
+            case .string(let s)?: s
+            case let value?: value.compactText
+            case nil: "?"
+            }
+        }
+        let job = arguments.first { $0.0 == "device" || $0.0 == "id" }.map { _ in
+            argument(arguments.contains { $0.0 == "device" } ? "device" : "id")
+        } ?? "the job"
+        switch name {
+        case "block-job-change":
+            return "job '\(job)' switched to \(argument("copy-mode")): from now on every write reaches the target before it is acknowledged"
+        case "block-job-complete", "job-complete":
+            return "asked to complete job '\(job)': it pivots once source and target are equal"
+        case "block-job-cancel":
+            return "asked to cancel job '\(job)'\(argument("force") == "true" ? " at once (force)" : "")"
+        case "job-cancel":
+            return "asked to cancel job '\(job)' at once"
+        case "block-job-pause", "job-pause":
+            return "asked to pause job '\(job)'"
+        case "block-job-resume", "job-resume":
+            return "asked to resume job '\(job)'"
+        case "block-job-set-speed":
+            let speed = argument("speed")
+            return "job '\(job)' copy limit set to \(speed == "0" ? "none" : speed + " bytes/s")"
+        case "block-job-dismiss", "block-job-finalize", "job-dismiss", "job-finalize":
+            return "\(name) of job '\(job)' done"
+        case "quit":
+            return "asked to quit: unmounting"
+        default:
+            return nil
+        }
+    }
+
     func greeting() -> JSONValue {
         .object([("QMP", .object([("version", versionValue()), ("capabilities", .array([]))]))])
     }
@@ -248,7 +294,14 @@ public final class QMPCommands: Sendable {
                case .string(let capability) = first {
                 throw QMPError.generic("Capability \(capability) not available")
             }
-            let value = try command.handler(self, checked)
+            let value: JSONValue
+            do {
+                value = try command.handler(self, checked)
+            } catch {
+                if Self.changesState(name) { log("refused \(name) (\(Self.describe(arguments))): \(error.desc)") }
+                throw error
+            }
+            if let sentence = Self.sentence(for: name, arguments) { log(sentence) }
             if name == "qmp_capabilities" { session.negotiated = true }
             if name == "quit" { session.quitRequested = true }
             var reply: [(String, JSONValue)] = [("return", value)]

@@ -170,7 +170,7 @@ private struct Preparation {
                 target = device
             } catch let error as ImageLockError {
                 if let created { unlink(created) }
-                throw JobError(error.description)
+                throw JobError("\(error.description): \(MountTable.holder(of: targetPath))")
             } catch {
                 if let created { unlink(created) }
                 throw JobError("Could not open '\(targetPath)': \(error)")

@@ -1,4 +1,5 @@
 import Foundation
+import CLinux
 import Glibc
 
 /// /proc/self/mountinfo, read to find mirrorfs mounts: by mountpoint, and by the device
@@ -52,5 +53,56 @@ public enum MountTable {
             }
         }
         return String(decoding: out, as: UTF8.self)
+    }
+}
+
+extension MountTable {
+    /// What reading a root attribute of a mount found.
+    public enum AttributeRead: Sendable {
+        case value(String)
+        case failed(errno: Int32)
+        /// No answer within the deadline: the mount's daemon may be stopped.
+        case timedOut
+    }
+
+    /// A root attribute of a mirrorfs mount (`user.mirrorfs.*`), read on a thread of its own
+    /// with a deadline: a mount whose daemon is stopped would hold the read forever.
+    public static func readRootAttribute(_ name: String, of mountpoint: String, timeout: Double) -> AttributeRead {
+        final class Box: @unchecked Sendable {
+            var result = AttributeRead.timedOut
+            let done = DispatchSemaphore(value: 0)
+        }
+        let box = Box()
+        let thread = Thread {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let length = Int(clinux_getxattr(mountpoint, name, &buffer, UInt(buffer.count)))
+            box.result = length > 0 ? .value(String(decoding: buffer[0..<length], as: UTF8.self)) : .failed(errno: errno)
+            box.done.signal()
+        }
+        thread.start()
+        guard box.done.wait(timeout: .now() + timeout) == .success else { return .timedOut }
+        return box.result
+    }
+
+    public static func rootAttribute(_ name: String, of mountpoint: String, timeout: Double) -> String? {
+        if case .value(let value) = readRootAttribute(name, of: mountpoint, timeout: timeout) { return value }
+        return nil
+    }
+
+    /// Who holds the image at `path`, as a person acts on it: the mirrorfs mount that serves
+    /// it or whose job writes it, and the command that ends that; else a hint at the usual
+    /// other holders.
+    public static func holder(of path: String) -> String {
+        let resolved = realpath(path, nil).map { p in defer { free(p) }; return String(cString: p) } ?? path
+        for mount in mirrorfsMounts() {
+            let serving = rootAttribute("user.mirrorfs.serving", of: mount.mountpoint, timeout: 2) ?? mount.source
+            if serving == resolved || mount.source == resolved {
+                return "it is served by the mirrorfs mount '\(mount.mountpoint)'; end that with 'mirrorfs unmount \(mount.mountpoint)'"
+            }
+            if rootAttribute("user.mirrorfs.target", of: mount.mountpoint, timeout: 2) == resolved {
+                return "it is the target of the job on the mirrorfs mount '\(mount.mountpoint)'; end that with 'mirrorfs job cancel \(mount.mountpoint)'"
+            }
+        }
+        return "another program has it open (a VM, qemu-img, qemu-nbd or a mirrorfs of another mount namespace); stop it first"
     }
 }

@@ -2,6 +2,7 @@ import CLinux
 import Foundation
 import MirrorCore
 import MirrorQMP
+import MirrorSetup
 
 /// A blocking QMP client for the CLI: finds the daemon's socket from MOUNTPOINT (the
 /// root's `user.mirrorfs.qmp` attribute), negotiates, runs commands, and collects events.
@@ -44,24 +45,18 @@ final class ControlClient {
     /// A root attribute of the mount, read on a thread of its own: a mount whose daemon is
     /// stopped would block the read forever.
     static func rootAttribute(_ name: String, of mountpoint: String) throws -> String {
-        final class Box: @unchecked Sendable {
-            var result: Result<String, CLIError>?
-            let done = DispatchSemaphore(value: 0)
-        }
-        let box = Box()
-        let thread = Thread {
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            let length = clinux_getxattr(mountpoint, name, &buffer, UInt(buffer.count))
-            box.result = length > 0
-                ? .success(String(decoding: buffer[0..<Int(length)], as: UTF8.self))
-                : .failure(CLIError("'\(mountpoint)' is not a mirrorfs mount (\(String(cString: strerror(errno))))"))
-            box.done.signal()
-        }
-        thread.start()
-        guard box.done.wait(timeout: .now() + replyDeadline) == .success, let result = box.result else {
+        switch MountTable.readRootAttribute(name, of: mountpoint, timeout: replyDeadline) {
+        case .value(let value):
+            return value
+        case .failed(ENOTCONN):
+            let resolved = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
+            let source = MountTable.mirrorfsMounts().first { $0.mountpoint == resolved }?.source ?? "SOURCE"
+            throw CLIError("the daemon of '\(mountpoint)' is gone (the mount is stale): 'mirrorfs mount \(source) \(mountpoint)' mounts it again, with the same --target to resume its job")
+        case .failed(let reason):
+            throw CLIError("'\(mountpoint)' is not a mirrorfs mount (\(String(cString: strerror(reason))))")
+        case .timedOut:
             throw CLIError("the mount '\(mountpoint)' does not answer (its daemon may be stopped)")
         }
-        return try result.get()
     }
 
     /// Runs a command; a QMP error becomes the CLI's one-line error.

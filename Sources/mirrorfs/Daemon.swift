@@ -16,12 +16,24 @@ final class ReadyPipe: Sendable {
     }
 }
 
+extension Daemon {
+    /// `/var/log/mirrorfs/<mountpoint>.log` for root, else the per-user runtime directory.
+    static func defaultLogPath(for mountpoint: String) throws -> String {
+        let name = RuntimeDirectory.name(for: mountpoint, suffix: ".log")
+        if getuid() == 0 {
+            let directory = "/var/log/mirrorfs"
+            if mkdir(directory, 0o750) == 0 || errno == EEXIST { return directory + "/" + name }
+        }
+        return try RuntimeDirectory.path() + "/" + name
+    }
+}
+
 /// `--daemonize` re-spawns this executable in the foreground mode, detached in its own
 /// session with its output in the log file, instead of forking a process that may
 /// already run threads. The parent returns only when the child reports the mount usable.
 enum Daemon {
     static func spawnAndWait(arguments: [String], mountpoint: String, logFile: String?) throws {
-        let log = try logFile ?? (RuntimeDirectory.path() + "/" + RuntimeDirectory.name(for: mountpoint, suffix: ".log"))
+        let log = try logFile ?? defaultLogPath(for: mountpoint)
         let logFD = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard logFD >= 0 else { throw CLIError("cannot open log file '\(log)': \(String(cString: strerror(errno)))") }
         defer { close(logFD) }
@@ -31,6 +43,8 @@ enum Daemon {
         let childFD: Int32 = 3
         var childArguments = arguments.filter { $0 != "--daemonize" }
         childArguments += ["--ready-fd", String(childFD)]
+        // The child rotates the log it writes, so it must know its path.
+        if logFile == nil { childArguments += ["--log-file", log] }
 
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)

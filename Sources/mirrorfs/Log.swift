@@ -27,6 +27,10 @@ final class LogSink: @unchecked Sendable {
     private var writing = false
     private(set) var dropped = 0
     private var started = false
+    /// The file stderr is, when it is rotated: at `limit` bytes it becomes `<path>.1`.
+    private var rotation: (path: String, limit: Int)?
+    /// Bytes the rotated file holds.
+    private var fileSize = 0
 
     init(fd: Int32) {
         self.fd = fd
@@ -51,6 +55,16 @@ final class LogSink: @unchecked Sendable {
         lock.signal()
     }
 
+    /// Rotates the log file stderr writes (a daemon's `--log-file`) at `limit` bytes,
+    /// keeping one older file: the log never grows without bound.
+    func rotate(path: String, at limit: Int) {
+        lock.lock()
+        defer { lock.unlock() }
+        rotation = (path, max(limit, 4096))
+        var st = stat()
+        fileSize = fstat(fd, &st) == 0 ? Int(st.st_size) : 0
+    }
+
     func drain(timeout: Double) {
         let deadline = Date().addingTimeInterval(timeout)
         lock.lock()
@@ -71,16 +85,35 @@ final class LogSink: @unchecked Sendable {
                 lines.insert("mirrorfs[\(getpid())]: \(dropped - lostBefore) log lines were dropped\n", at: 0)
                 lostBefore = dropped
             }
+            let rotation = self.rotation
+            var size = fileSize
             lock.unlock()
             var failed = 0
-            for line in lines where !write(line) { failed += 1 }
+            for line in lines {
+                if let rotation, size + line.utf8.count > rotation.limit, rotate(rotation.path) { size = 0 }
+                if write(line) { size += line.utf8.count } else { failed += 1 }
+            }
             lock.lock()
+            fileSize = size
             dropped += failed
             lostBefore += failed
             writing = false
             lock.broadcast()
             lock.unlock()
         }
+    }
+
+    /// `path` becomes `path.1` (replacing the older one) and a new, empty `path` takes its
+    /// place as stderr; false when that failed and the current file stays in use.
+    private func rotate(_ path: String) -> Bool {
+        let fresh = open(path + ".new", O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o600)
+        guard fresh >= 0 else { return false }
+        defer { close(fresh) }
+        guard rename(path, path + ".1") == 0, rename(path + ".new", path) == 0 else {
+            unlink(path + ".new")
+            return false
+        }
+        return dup2(fresh, fd) >= 0
     }
 
     /// One write(2) of the whole line; false when it could not be written.

@@ -6,7 +6,7 @@ struct Mirrorfs: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mirrorfs",
         abstract: "Serve a raw disk image through FUSE and mirror it live to a target image.",
-        version: "0.1.0",
+        version: "\(BuildInfo.version) (commit \(BuildInfo.commit))",
         subcommands: [Mount.self, Status.self, Job.self, Unmount.self]
     )
 }

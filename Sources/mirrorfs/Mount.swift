@@ -32,13 +32,17 @@ extension Mirrorfs {
         @Flag(help: "Let other users reach the mount (their access still follows the image's mode).")
         var allowOther = false
         @Flag(help: "Run in the background; return once the mount is usable.") var daemonize = false
-        @Option(help: "The daemon's log with --daemonize.") var logFile: String?
+        @Option(help: "The daemon's log with --daemonize (default: /var/log/mirrorfs/ for root, else the runtime directory, named after the mountpoint).")
+        var logFile: String?
+        @Option(help: "Size at which the daemon's log file is rotated (one older file is kept as <log>.1).")
+        var logMaxSize: ByteCount = ByteCount(bytes: 16 << 20)
         /// Set by a daemonizing parent: the pipe on which this child reports readiness.
         @Option(help: .hidden) var readyFD: Int32?
 
         func run() throws {
             // A daemon child reports every failure, its own checks included, to the caller.
             let ready = readyFD.map(ReadyPipe.init(fd:))
+            if ready != nil, let logFile { LogSink.shared.rotate(path: logFile, at: Int(clamping: logMaxSize.bytes)) }
             do {
                 try checkAndServe(ready: ready)
             } catch {
@@ -84,12 +88,20 @@ extension Mirrorfs {
                 device = try FileBlockDevice(path: image.path, readOnly: readOnly, bufferPool: pool)
                 try device.lock()
             } catch let error as ImageLockError {
-                throw CLIError(error.description)
+                throw CLIError("\(error.description): \(MountTable.holder(of: image.path))")
             } catch {
                 throw CLIError("cannot open source '\(image.path)': \(error)")
             }
             let filter = MirrorFilter(source: device, readOnly: readOnly)
-            filter.addEventListener { Log.info("event \($0.jsonLine)") }
+            let notify = SystemdNotify.shared
+            filter.addEventListener { event in
+                if let sentence = LogSentence.describe(event, mountpoint: mountpoint) { Log.info(sentence) }
+                if case .statusChange = event.kind { notify.status(ServiceStatus.describe(filter, image: image.name)) }
+            }
+            filter.addDetachListener { detach in
+                Log.info(LogSentence.describe(detach, mountpoint: mountpoint, image: image.name))
+                notify.status(ServiceStatus.describe(filter, image: image.name))
+            }
             let setup = JobSetup(imageName: image.name, mountpoint: mountpoint, bufferPool: pool, log: { Log.info($0) })
             let commands = QMPCommands(filter: filter, setup: setup,
                                        package: "mirrorfs \(Mirrorfs.configuration.version)",
@@ -121,8 +133,9 @@ extension Mirrorfs {
                 permissions: image.permissions, readBuffers: pool, controlSocket: socketPath,
                 passDirect: odirect == .passthrough,
                 onReady: {
-                    Log.info("serving \(image.path) as \(mountpoint)/\(image.name)")
+                    Log.info("serving \(image.path) as \(mountpoint)/\(image.name) (control socket \(socketPath))")
                     ready?.report(success: ())
+                    notify.ready(status: ServiceStatus.describe(filter, image: image.name))
                 })
             var options = MountOptions(fsName: image.path)
             options.readOnly = readOnly
@@ -135,6 +148,7 @@ extension Mirrorfs {
                 throw error
             }
             let served = Result { try session.run() }
+            notify.stopping()
             if case .failure = served, !session.didMount {
                 // Not mounted: the job this command started goes, with what it created.
                 abandonJob(filter, createdTarget: createdTarget)
@@ -242,6 +256,13 @@ enum MountpointCheck {
         }
         guard (st.st_mode & S_IFMT) == S_IFDIR else {
             throw CLIError("mountpoint '\(path)' is not a directory")
+        }
+        if let resolved = realpath(path, nil) {
+            let full = String(cString: resolved)
+            free(resolved)
+            if let mount = MountTable.mirrorfsMounts().first(where: { $0.mountpoint == full }) {
+                throw CLIError("mountpoint '\(path)' is already a mirrorfs mount (of \(mount.source)): 'mirrorfs status \(path)' shows it, 'mirrorfs unmount \(path)' ends it")
+            }
         }
         // stat may be answered from the kernel's cache even when the daemon behind is gone.
         guard let directory = opendir(path) else {

@@ -12,7 +12,7 @@ final class ControlTests: XCTestCase {
         let socket = scratch.file("qmp.sock")
         let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--qmp", socket])
         XCTAssertEqual(try fileStatus(socket).st_mode & 0o777, 0o600)
-        let out = try check("python3", [pythonTests + "/qmp_lifecycle.py", socket, "disk.raw", scratch.file("target.raw")])
+        let out = try check(testPython, [pythonTests + "/qmp_lifecycle.py", socket, "disk.raw", scratch.file("target.raw")])
         XCTAssertTrue(out.contains("BLOCK_JOB_COMPLETED"), out)
         let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, scratch.file("target.raw")])
         XCTAssertEqual(compare.status, 0)

@@ -115,7 +115,7 @@ final class ImageIOTests: XCTestCase {
             except OSError: f = 1
             print("ofd", conflict(fcntl.F_OFD_SETLK, 100), "posix", conflict(fcntl.F_SETLK, 300), "flock", f)
             """
-        return try check("python3", ["-c", probe, path]).trimmingCharacters(in: .whitespacesAndNewlines)
+        return try check(testPython, ["-c", probe, path]).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     func testLocksWorkThroughTheMountAsOnALocalFile() throws {
@@ -126,7 +126,7 @@ final class ImageIOTests: XCTestCase {
 
         // A process holding an OFD lock, a POSIX lock and a flock on the image through the mount.
         let holder = Process()
-        holder.executableURL = URL(fileURLWithPath: try which("python3"))
+        holder.executableURL = URL(fileURLWithPath: testPython)
         holder.arguments = ["-c", """
             import fcntl, os, struct, sys
             fd = os.open(sys.argv[1], os.O_RDWR)

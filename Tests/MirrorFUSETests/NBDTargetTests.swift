@@ -205,7 +205,7 @@ final class NBDTargetTests: XCTestCase {
     /// Sends one command byte to nbdkit's pause filter and returns its one-byte answer.
     private func pauseControl(_ socket: String, _ command: String) throws -> String {
         let script = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode()); print(s.recv(1).decode())"
-        return try check("python3", ["-c", script, socket, command]).trimmingCharacters(in: .whitespacesAndNewlines)
+        return try check(testPython, ["-c", script, socket, command]).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     // MARK: - Crash, QMP and bad input

@@ -346,7 +346,7 @@ final class SafetyTests: XCTestCase {
                 await c.disconnect()
             asyncio.run(main())
             """
-        let out = try check("python3", ["-c", script, socket, wrongSize])
+        let out = try check(testPython, ["-c", script, socket, wrongSize])
         XCTAssertTrue(out.contains("error: " + expected), out)
         XCTAssertTrue(out.contains("jobs: []"), out)
         XCTAssertEqual(try sha256(wrongSize), before)
@@ -526,7 +526,7 @@ final class QMPChurnTests: XCTestCase {
             for t in threads: t.join()
             print("errors:", len(errors), errors[:5])
             """
-        let out = try check("python3", ["-c", script, socket], timeout: 120)
+        let out = try check(testPython, ["-c", script, socket], timeout: 120)
         XCTAssertTrue(out.contains("errors: 0 "), out)
         // Still serving, and a normal client still works.
         XCTAssertEqual(try execute(mirrorfsBinary, ["status", mount.mountpoint, "--json"]).stdout, "null\n")
@@ -581,7 +581,7 @@ final class NumericExtremesTests: XCTestCase {
                 print(args, "->", "error" if "error" in r else "ACCEPTED", r.get("error", {}).get("desc", ""))
             print("alive:", "return" in call('{"execute": "query-block-jobs"}'))
             """
-        let out = try check("python3", ["-c", script, socket])
+        let out = try check(testPython, ["-c", script, socket])
         XCTAssertFalse(out.contains("ACCEPTED"), out)
         XCTAssertTrue(out.contains("alive: True"), out)
         XCTAssertEqual(mount.stop(), 0)

@@ -227,3 +227,14 @@ extension XCTestCase {
 
     func allocatedBytes(_ path: String) throws -> Int64 { Int64(try fileStatus(path).st_blocks) * 512 }
 }
+
+/// The project's root (this file is Tests/MirrorFUSETests/TestSupport.swift).
+let projectRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    .deletingLastPathComponent().deletingLastPathComponent().path
+
+/// The Python of the virtual environment `tools/setup` creates, which has the test-only
+/// packages (qemu.qmp): a stock host's python3 refuses a global `pip install`.
+let testPython: String = {
+    if let override = ProcessInfo.processInfo.environment["MIRRORFS_TEST_PYTHON"] { return override }
+    return projectRoot + "/.venv/bin/python3"
+}()
