@@ -16,15 +16,19 @@ final class ControlClient {
     /// Events received while waiting for replies, oldest first.
     private(set) var events: [JSONValue] = []
 
-    init(mountpoint: String) throws {
+    /// Seconds this client waits for one reply.
+    private let deadline: Double
+
+    init(mountpoint: String, deadline: Double = ControlClient.replyDeadline) throws {
         self.mountpoint = mountpoint
-        let path = try Self.socketPath(of: mountpoint)
+        self.deadline = deadline
+        let path = try Self.rootAttribute("user.mirrorfs.qmp", of: mountpoint, deadline: deadline)
         guard let address = UnixSocketAddress(path: path) else {
             throw CLIError("the daemon's socket path '\(path)' is too long")
         }
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
-        var timeout = timeval(tv_sec: Int(Self.replyDeadline), tv_usec: 0)
+        var timeout = timeval(tv_sec: Int(deadline), tv_usec: Int((deadline - deadline.rounded(.down)) * 1e6))
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         guard address.withSockaddr({ connect(fd, $0, $1) }) == 0 else {
@@ -38,14 +42,10 @@ final class ControlClient {
 
     deinit { close(fd) }
 
-    private static func socketPath(of mountpoint: String) throws -> String {
-        try rootAttribute("user.mirrorfs.qmp", of: mountpoint)
-    }
-
     /// A root attribute of the mount, read on a thread of its own: a mount whose daemon is
     /// stopped would block the read forever.
-    static func rootAttribute(_ name: String, of mountpoint: String) throws -> String {
-        switch MountTable.readRootAttribute(name, of: mountpoint, timeout: replyDeadline) {
+    static func rootAttribute(_ name: String, of mountpoint: String, deadline: Double = replyDeadline) throws -> String {
+        switch MountTable.readRootAttribute(name, of: mountpoint, timeout: deadline) {
         case .value(let value):
             return value
         case .failed(ENOTCONN):
@@ -103,7 +103,7 @@ final class ControlClient {
             let n = recv(fd, &chunk, chunk.count, 0)
             if n < 0 && errno == EINTR { continue }
             if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                throw CLIError("the daemon of '\(mountpoint)' did not answer within \(Int(Self.replyDeadline)) s")
+                throw CLIError("the daemon of '\(mountpoint)' did not answer within \(Int(deadline)) s")
             }
             guard n > 0 else { throw CLIError("the daemon closed the control connection") }
             pending += chunk[0..<n]

@@ -103,6 +103,11 @@ extension Mirrorfs.Job {
                 throw CLIError("no job runs on this mount")
             }
             try refuseToWaitOn(job, mountpoint: mountpoint)
+            if case .bool(false)? = job["ready"] {
+                let status = { if case .string(let s)? = job["status"] { return s }; return "?" }()
+                let left = { if case .int(let l)? = job["len"], case .int(let o)? = job["offset"] { return " with \(max(l - o, 0)) bytes still to copy" }; return "" }()
+                throw CLIError("job '\(id)' is not ready (\(status)\(left)): wait until 'mirrorfs status \(mountpoint) --watch' shows ready, then complete; under heavy writes 'mirrorfs job change \(mountpoint) --copy-mode write-blocking' lets it converge")
+            }
             try client.execute("block-job-complete", [("device", .string(id))])
             _ = try waitForEnd(client, mountpoint: mountpoint)
             if let image = try? FileManager.default.contentsOfDirectory(atPath: mountpoint).first(where: { $0 != ".status" }),
@@ -166,7 +171,7 @@ extension Mirrorfs.Job {
     struct SetSpeed: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "set-speed", abstract: "Limit the background copy (bytes/s, 0 = unlimited).")
         @Argument(help: "The mountpoint.") var mountpoint: String
-        @Argument(help: "Bytes per second; K/M/G suffixes.") var speed: ByteCount
+        @Argument(help: "Bytes per second (0: unlimited); K/M/G/T, KiB..TiB, kB/MB/GB/TB.", transform: ByteCount.parse) var speed: ByteCount
         func run() throws {
             let client = try ControlClient(mountpoint: mountpoint)
             try client.execute("block-job-set-speed", [("device", .string(try client.requireJobID())), ("speed", .int(Int64(speed.bytes)))])

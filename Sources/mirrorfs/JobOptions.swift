@@ -2,21 +2,56 @@ import ArgumentParser
 import Foundation
 import MirrorCore
 
-/// A byte count: plain bytes or with a K, M or G suffix (powers of 1024).
-struct ByteCount: ExpressibleByArgument, Equatable {
+/// A byte count: plain bytes, or with a suffix: K, M, G, T (also KiB, MiB, GiB, TiB:
+/// powers of 1024) or kB, MB, GB, TB (powers of 1000).
+struct ByteCount: ExpressibleByArgument, Equatable, CustomStringConvertible {
     let bytes: UInt64
 
     init(bytes: UInt64) { self.bytes = bytes }
 
+    static let accepted = "plain bytes, or K/M/G/T and KiB/MiB/GiB/TiB (powers of 1024), kB/MB/GB/TB (powers of 1000)"
+
+    struct Invalid: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    /// For `@Option(transform:)`: an invalid size says what is accepted.
+    static func parse(_ argument: String) throws -> ByteCount {
+        guard let count = ByteCount(argument: argument) else {
+            throw Invalid(description: "not a size: use \(accepted), at most \(Int64.max) bytes")
+        }
+        return count
+    }
+
     init?(argument: String) {
         let text = argument.trimmingCharacters(in: .whitespaces)
-        guard let last = text.last else { return nil }
-        let shifts: [Character: UInt64] = ["K": 10, "k": 10, "M": 20, "m": 20, "G": 30, "g": 30]
-        let (digits, shift) = shifts[last].map { (String(text.dropLast()), $0) } ?? (text, 0)
+        let digits = String(text.prefix { $0.isASCII && $0.isNumber })
+        let suffix = String(text.dropFirst(digits.count)).trimmingCharacters(in: .whitespaces)
+        let scale: UInt64
+        switch suffix {
+        case "", "B": scale = 1
+        case "K", "k", "KiB": scale = 1 << 10
+        case "M", "m", "MiB": scale = 1 << 20
+        case "G", "g", "GiB": scale = 1 << 30
+        case "T", "t", "TiB": scale = 1 << 40
+        case "kB", "KB": scale = 1_000
+        case "MB": scale = 1_000_000
+        case "GB": scale = 1_000_000_000
+        case "TB": scale = 1_000_000_000_000
+        default: return nil
+        }
         // At most Int64.max: the size every QMP integer and file offset can carry.
-        guard !digits.isEmpty, digits.allSatisfy(\.isASCII), digits.allSatisfy(\.isNumber), let value = UInt64(digits),
-              value <= UInt64(Int64.max) >> shift else { return nil }
-        bytes = value << shift
+        guard !digits.isEmpty, let value = UInt64(digits), value <= UInt64(Int64.max) / scale else { return nil }
+        bytes = value * scale
+    }
+
+    var defaultValueDescription: String { description }
+
+    var description: String {
+        for (suffix, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] where bytes >= 1 << shift && bytes % (1 << UInt64(shift)) == 0 {
+            return "\(bytes >> UInt64(shift))\(suffix)"
+        }
+        return "\(bytes)"
     }
 }
 
@@ -28,19 +63,19 @@ extension ErrorPolicy: ExpressibleByArgument {}
 struct JobOptions: ParsableArguments {
     @Option(help: "Image to mirror to: a file (created sparse with the source's size if missing, reused if it has that size), nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=PATH (an export of the source's size).")
     var target: String?
-    @Option(help: "background, or write-blocking: writes reach the target before they are acknowledged.")
+    @Option(help: "background, or write-blocking: writes reach the target before they are acknowledged (default: background).")
     var copyMode: CopyMode?
-    @Option(help: "full: copy the whole image; none: only what is written from now on.")
+    @Option(help: "full: copy the whole image; none: only what is written from now on (default: full).")
     var sync: SyncMode?
-    @Option(help: "Dirty-tracking granularity: a power of two from 512 to 64M (default 64K).")
+    @Option(help: "Dirty-tracking granularity: a power of two from 512 to 64M (default: 64K).", transform: ByteCount.parse)
     var granularity: ByteCount?
-    @Option(help: "Copy buffer (default 16M).")
+    @Option(help: "Copy buffer (default: 16M).", transform: ByteCount.parse)
     var bufSize: ByteCount?
-    @Option(help: "Background copy limit in bytes/s (0 = unlimited).")
+    @Option(help: "Background copy limit in bytes/s; K/M/G/T, KiB..TiB, kB/MB/GB/TB (default: 0, unlimited).", transform: ByteCount.parse)
     var speed: ByteCount?
-    @Option(help: "report, ignore or stop.")
+    @Option(help: "What a source read error does: report (the job fails), ignore (retry later) or stop (pause) (default: report).")
     var onSourceError: ErrorPolicy?
-    @Option(help: "report, ignore or stop.")
+    @Option(help: "What a target write error does: report (the job fails), ignore (retry later) or stop (pause) (default: report).")
     var onTargetError: ErrorPolicy?
     @Option(help: "The job's id (default: the image's file name).")
     var jobID: String?

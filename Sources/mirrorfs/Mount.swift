@@ -14,8 +14,10 @@ extension Mirrorfs {
             discussion: """
                 Stays in the foreground and logs to stderr; SIGINT or SIGTERM unmount cleanly. \
                 With --daemonize it returns once the mount is usable and the daemon logs to \
-                --log-file (default: $XDG_RUNTIME_DIR/mirrorfs/, else /tmp/mirrorfs-<uid>/, \
-                named after the mountpoint).
+                --log-file (default: /var/log/mirrorfs/ for root, else $XDG_RUNTIME_DIR/mirrorfs/ or \
+                /tmp/mirrorfs-<uid>/, named after the mountpoint), rotated at --log-max-size. Under \
+                systemd (NOTIFY_SOCKET set) it reports READY=1 once the mount and the control socket \
+                answer, its job's state as STATUS=, and STOPPING=1 when it unmounts.
                 """
         )
 
@@ -34,7 +36,7 @@ extension Mirrorfs {
         @Flag(help: "Run in the background; return once the mount is usable.") var daemonize = false
         @Option(help: "The daemon's log with --daemonize (default: /var/log/mirrorfs/ for root, else the runtime directory, named after the mountpoint).")
         var logFile: String?
-        @Option(help: "Size at which the daemon's log file is rotated (one older file is kept as <log>.1).")
+        @Option(help: "Size at which the daemon's log file is rotated (one older file is kept as <log>.1; default: 16M).", transform: ByteCount.parse)
         var logMaxSize: ByteCount = ByteCount(bytes: 16 << 20)
         /// Set by a daemonizing parent: the pipe on which this child reports readiness.
         @Option(help: .hidden) var readyFD: Int32?

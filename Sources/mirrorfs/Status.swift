@@ -4,81 +4,257 @@ import MirrorCore
 
 extension Mirrorfs {
     struct Status: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show the mount's job.")
+        static let configuration = CommandConfiguration(
+            abstract: "Show the mount's job in one line.",
+            discussion: """
+                The line shows the job's state, progress, bytes copied / still to copy / the image's size, \
+                dirty bytes, the current and average copy rate, the time to go (h:mm:ss), the time since \
+                the start, the speed limit and the target, and fits the terminal (COLUMNS): narrower \
+                terminals get a shorter form. --watch redraws it in place and ends with a line that says \
+                how the job ended.
+                """)
         @Argument(help: "The mountpoint.") var mountpoint: String
         @Flag(help: "Print the job as JSON (query-block-jobs' object, or null).") var json = false
         @Flag(help: "Redraw until the job ends; exit non-zero if it failed.") var watch = false
 
         func run() throws {
             let client = try ControlClient(mountpoint: mountpoint)
+            let imageSize = StatusLine.imageSize(in: mountpoint)
             guard watch else {
                 let job = try client.currentJob()
-                print(json ? (job?.compactText ?? "null") : StatusLine.render(job, rate: nil))
+                if json {
+                    print(job?.compactText ?? "null")
+                } else if let job {
+                    print(StatusLine.render(job, imageSize: imageSize, rate: nil, width: StatusLine.width()))
+                } else {
+                    print(StatusLine.noJob(mountpoint: mountpoint))
+                }
                 return
             }
-            let terminal = isatty(STDOUT_FILENO) == 1
-            var last: (time: Double, offset: Int64)?
-            var failure: String?
+            let terminal = isatty(STDOUT_FILENO) == 1 && !json
+            var rate = RateSampler()
+            var ending = JobEnding()
+            var drew = false
             while true {
                 let job = try client.currentJob()
-                let now = Date().timeIntervalSince1970
-                var rate: Double?
-                if case .int(let offset)? = job?["offset"] {
-                    if let last, now > last.time { rate = Double(offset - last.offset) / (now - last.time) }
-                    last = (now, offset)
+                if json {
+                    print(job?.compactText ?? "null")
+                } else if let job {
+                    rate.add(job)
+                    let line = StatusLine.render(job, imageSize: imageSize, rate: rate.current, width: StatusLine.width())
+                    // On a terminal the line is redrawn in place; otherwise one line per update.
+                    if terminal { print("\r\u{1B}[2K" + line, terminator: "") } else { print(line) }
+                    drew = true
+                    ending.last = job
                 }
-                let line = json ? (job?.compactText ?? "null") : StatusLine.render(job, rate: rate)
-                // On a terminal the line is redrawn in place; otherwise one line per update.
-                print(terminal && !json ? "\r\u{1B}[2K" + line : line, terminator: terminal && !json ? "" : "\n")
                 fflush(nil)
                 if job == nil {
-                    if terminal && !json { print() }
-                    if let failure { throw CLIError("the job failed: \(failure)") }
+                    while let event = try client.nextEvent(timeout: 0) { ending.note(event) }
+                    if terminal && drew { print("\r\u{1B}[2K", terminator: "") }
+                    if !json {
+                        let serving = try? ControlClient.rootAttribute("user.mirrorfs.serving", of: mountpoint)
+                        if let closing = try ending.closingLine(mountpoint: mountpoint, serving: serving) {
+                            print(closing)
+                        } else if !drew {
+                            print(StatusLine.noJob(mountpoint: mountpoint))
+                        }
+                    } else if let error = ending.error {
+                        throw CLIError("the job failed: \(error)")
+                    }
+                    fflush(nil)
                     return
                 }
-                // Between redraws, read events: a failed end shows only there.
-                let deadline = Date().timeIntervalSince1970 + 0.5
-                while let event = try client.nextEvent(timeout: max(0, deadline - Date().timeIntervalSince1970)) {
-                    if case .string("BLOCK_JOB_COMPLETED")? = event["event"], case .string(let e)? = event["data"]?["error"] {
-                        failure = e
-                    }
-                    if Date().timeIntervalSince1970 >= deadline { break }
+                // Between redraws, read events: how the job ends shows only there.
+                let deadline = Date().addingTimeInterval(0.5)
+                while let event = try client.nextEvent(timeout: max(0, deadline.timeIntervalSinceNow)) {
+                    ending.note(event)
+                    if deadline.timeIntervalSinceNow <= 0 { break }
                 }
             }
         }
     }
 }
 
-/// The human summary: state, copy mode, progress bar, bytes, rate, remaining time, actively-synced.
+/// The copy rate over the last few samples of `status --watch` (bytes/s).
+struct RateSampler {
+    private var samples: [(time: Double, offset: Int64)] = []
+
+    mutating func add(_ job: JSONValue) {
+        guard case .int(let offset)? = job["offset"] else { return }
+        let now = Date().timeIntervalSince1970
+        if let last = samples.last, offset < last.offset { samples.removeAll() }  // a new job
+        samples.append((now, offset))
+        samples.removeAll { now - $0.time > 5 }
+    }
+
+    var current: Double? {
+        guard let first = samples.first, let last = samples.last, last.time - first.time >= 0.4 else { return nil }
+        return Double(last.offset - first.offset) / (last.time - first.time)
+    }
+}
+
+/// How a watched job ended, from its final events.
+struct JobEnding {
+    var last: JSONValue?
+    private var completedAt: Int64?
+    private var cancelledAt: Int64?
+    private(set) var error: String?
+
+    mutating func note(_ event: JSONValue) {
+        guard case .string(let name)? = event["event"] else { return }
+        let time: Int64? = { if case .int(let s)? = event["timestamp"]?["seconds"] { return s }; return nil }()
+        switch name {
+        case "BLOCK_JOB_COMPLETED":
+            if case .string(let e)? = event["data"]?["error"] { error = e }
+            completedAt = time
+        case "BLOCK_JOB_CANCELLED":
+            cancelledAt = time
+        default:
+            break
+        }
+    }
+
+    /// The line that closes `status --watch`; throws (the line as the error) when the job failed.
+    func closingLine(mountpoint: String, serving: String?) throws -> String? {
+        if let error { throw CLIError("the job failed: \(error)") }
+        guard let last else { return nil }
+        let target = { if case .string(let t)? = last["target"] { return t }; return "the target" }()
+        let image = StatusLine.imageName(in: mountpoint).map { "\(mountpoint)/\($0)" } ?? mountpoint
+        if let serving, serving == target {
+            return "pivoted: \(image) now serves \(target)"
+        }
+        if let completedAt {
+            // A cancel after ready completes without a pivot (QEMU): the target is a copy.
+            return "cancelled: \(target) left consistent as of \(StatusLine.clock(completedAt)); \(image) serves \(serving ?? "the source")"
+        }
+        if cancelledAt != nil {
+            return "cancelled: \(target) is left a partial copy; \(image) serves \(serving ?? "the source")"
+        }
+        return "the job ended; \(image) serves \(serving ?? "the source")"
+    }
+}
+
+/// The human summary: one line that fits `width` columns, its parts dropped or shortened
+/// (least useful first) until it does.
 enum StatusLine {
-    static func render(_ job: JSONValue?, rate: Double?) -> String {
-        guard let job else { return "no job" }
+    private struct Part {
+        let priority: Int
+        let long: String
+        let short: String
+        init(_ priority: Int, _ long: String, _ short: String? = nil) {
+            self.priority = priority
+            self.long = long
+            self.short = short ?? long
+        }
+    }
+
+    static func render(_ job: JSONValue, imageSize: UInt64?, rate: Double?, width: Int) -> String {
         func string(_ key: String) -> String { if case .string(let s)? = job[key] { return s }; return "?" }
         func int(_ key: String) -> Int64 { if case .int(let n)? = job[key] { return n }; return 0 }
         func bool(_ key: String) -> Bool { if case .bool(let b)? = job[key] { return b }; return false }
-        let len = int("len"), offset = int("offset")
+        let len = int("len"), offset = int("offset"), remaining = max(len - offset, 0)
+        let elapsed: Double = { if case .double(let d)? = job["elapsed-seconds"] { return d }; return Double(int("elapsed-seconds")) }()
+        let average = elapsed > 0 ? Double(offset) / elapsed : nil
         let fraction = len > 0 ? min(Double(offset) / Double(len), 1) : 1
-        let width = 24
-        let filled = Int(fraction * Double(width))
-        let bar = "[" + String(repeating: "#", count: filled) + String(repeating: "-", count: width - filled) + "]"
-        var parts = [
-            "\(string("device")): \(string("status"))", string("copy-mode"),
-            "\(bar) \(Int(fraction * 100))% \(bytes(offset))/\(bytes(len))",
+        let percent = "\(Int(fraction * 100))%"
+        let ready = bool("ready")
+        var state = "\(string("device")): \(string("status"))"
+        if bool("paused") && string("status") != "paused" { state += " (paused)" }
+        if string("io-status") != "ok" { state += " io-status \(string("io-status"))" }
+        let mode = string("copy-mode")
+        var parts: [Part] = [
+            Part(0, state),
+            Part(0, percent),
         ]
-        if let rate, rate > 0 {
-            parts.append("\(bytes(Int64(rate)))/s")
-            parts.append("eta \(Int(Double(max(len - offset, 0)) / rate))s")
+        if bool("actively-synced") { parts.append(Part(1, "actively-synced", "synced")) }
+        parts.append(Part(6, mode, mode == "write-blocking" ? "wb" : "bg"))
+        let bar = 20
+        let filled = Int(fraction * Double(bar))
+        parts.append(Part(9, "[" + String(repeating: "#", count: filled) + String(repeating: "-", count: bar - filled) + "]"))
+        let sizeText = imageSize.map { " / size \(bytes(Int64($0)))" } ?? ""
+        parts.append(Part(3, "copied \(bytes(offset)) / to copy \(bytes(remaining))\(sizeText)",
+                          "\(short(offset))/\(short(len))"))
+        parts.append(Part(5, "dirty \(bytes(int("dirty-bytes")))", "dirty \(short(int("dirty-bytes")))"))
+        let speedRate = rate ?? average
+        parts.append(Part(2, "\(rate.map { bytes(Int64($0)) + "/s now" } ?? "-/s now"), \(average.map { bytes(Int64($0)) + "/s avg" } ?? "-/s avg")",
+                          speedRate.map { short(Int64($0)) + "/s" } ?? "-/s"))
+        // Ready: the status says it; the time to go is the convergence issue's forecast.
+        if !ready {
+            let eta = speedRate.flatMap { $0 > 0 ? duration(Double(remaining) / $0) : nil } ?? "-:--:--"
+            parts.append(Part(1, "eta " + eta))
         }
-        parts.append("actively-synced: \(bool("actively-synced"))")
-        if string("io-status") != "ok" { parts.append("io-status: \(string("io-status"))") }
-        if case .string(let error)? = job["error"] { parts.append("error: \(error)") }
-        return parts.joined(separator: "  ")
+        parts.append(Part(4, "elapsed \(duration(elapsed))", duration(elapsed)))
+        let speed = int("speed")
+        parts.append(Part(7, speed > 0 ? "limit \(bytes(speed))/s" : "no limit", speed > 0 ? "max \(short(speed))/s" : nil))
+        parts.append(Part(8, "-> \(string("target"))"))
+        if case .string(let error)? = job["error"] { parts.append(Part(0, "error: \(error)")) }
+        return fit(parts, width: width)
+    }
+
+    /// Every part in its long form if that fits; else short forms, dropping the least
+    /// useful parts until the line fits; a line still too long is cut.
+    private static func fit(_ parts: [Part], width: Int) -> String {
+        let limit = max(width - 1, 10)  // never the last column: no terminal wraps the line
+        let long = parts.map(\.long).joined(separator: "  ")
+        if long.count <= limit { return long }
+        var kept = Set(parts.indices)
+        func line() -> String { parts.indices.filter(kept.contains).map { parts[$0].short }.joined(separator: " ") }
+        for index in parts.indices.sorted(by: { parts[$0].priority > parts[$1].priority }) where line().count > limit {
+            if parts[index].priority > 0 { kept.remove(index) }
+        }
+        let text = line()
+        return text.count <= limit ? text : String(text.prefix(limit - 3)) + "..."
+    }
+
+    static func noJob(mountpoint: String) -> String {
+        let serving = try? ControlClient.rootAttribute("user.mirrorfs.serving", of: mountpoint)
+        let image = imageName(in: mountpoint).map { "\(mountpoint)/\($0)" } ?? mountpoint
+        return "no job; \(image) serves \(serving ?? "its source")"
+    }
+
+    /// The terminal's width (COLUMNS first, as shells and tests set it), else unlimited.
+    static func width() -> Int {
+        if let columns = ProcessInfo.processInfo.environment["COLUMNS"].flatMap(Int.init), columns > 0 { return columns }
+        var size = winsize()
+        if ioctl(STDOUT_FILENO, UInt(TIOCGWINSZ), &size) == 0, size.ws_col > 0 { return Int(size.ws_col) }
+        return Int.max / 2
+    }
+
+    static func imageName(in mountpoint: String) -> String? {
+        (try? FileManager.default.contentsOfDirectory(atPath: mountpoint))?.first { $0 != ".status" }
+    }
+
+    static func imageSize(in mountpoint: String) -> UInt64? {
+        guard let name = imageName(in: mountpoint) else { return nil }
+        var st = stat()
+        return stat(mountpoint + "/" + name, &st) == 0 ? UInt64(st.st_size) : nil
+    }
+
+    /// h:mm:ss
+    static func duration(_ seconds: Double) -> String {
+        guard seconds.isFinite, seconds >= 0, seconds < 1e7 else { return "-:--:--" }
+        let total = Int(seconds.rounded())
+        return String(format: "%d:%02d:%02d", total / 3600, total / 60 % 60, total % 60)
+    }
+
+    static func clock(_ seconds: Int64) -> String {
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss"
+        return formatter.string(from: Date(timeIntervalSince1970: Double(seconds)))
     }
 
     static func bytes(_ n: Int64) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
         var value = Double(n), unit = 0
         while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
         return unit == 0 ? "\(n) B" : String(format: "%.1f %@", value, units[unit])
+    }
+
+    /// 1.2G, 512M, 37K: for narrow terminals.
+    static func short(_ n: Int64) -> String {
+        let units = ["", "K", "M", "G", "T", "P", "E"]
+        var value = Double(n), unit = 0
+        while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
+        return unit == 0 ? "\(n)" : String(format: value < 10 ? "%.1f%@" : "%.0f%@", value, units[unit])
     }
 }
