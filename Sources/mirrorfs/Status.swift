@@ -186,21 +186,25 @@ enum StatusLine {
         parts.append(Part(4, "elapsed \(duration(elapsed))", duration(elapsed)))
         let speed = int("speed")
         parts.append(Part(7, speed > 0 ? "limit \(bytes(speed))/s" : "no limit", speed > 0 ? "max \(short(speed))/s" : nil))
-        parts.append(Part(8, "-> \(string("target"))"))
+        parts.append(Part(8, "-> \(string("target"))", "-> \(URL(fileURLWithPath: string("target")).lastPathComponent)"))
         if case .string(let error)? = job["error"] { parts.append(Part(0, "error: \(error)")) }
         return fit(parts, width: width)
     }
 
-    /// Every part in its long form if that fits; else short forms, dropping the least
-    /// useful parts until the line fits; a line still too long is cut.
+    /// Every part in its long form if that fits; else the least useful parts take their
+    /// short form, then go, until the line fits; a line still too long is cut.
     private static func fit(_ parts: [Part], width: Int) -> String {
         let limit = max(width - 1, 10)  // never the last column: no terminal wraps the line
-        let long = parts.map(\.long).joined(separator: "  ")
-        if long.count <= limit { return long }
-        var kept = Set(parts.indices)
-        func line() -> String { parts.indices.filter(kept.contains).map { parts[$0].short }.joined(separator: " ") }
-        for index in parts.indices.sorted(by: { parts[$0].priority > parts[$1].priority }) where line().count > limit {
-            if parts[index].priority > 0 { kept.remove(index) }
+        var forms: [String?] = parts.map(\.long)
+        func line() -> String { forms.compactMap { $0 }.joined(separator: "  ") }
+        let leastUseful = parts.indices.sorted { parts[$0].priority > parts[$1].priority }
+        for index in leastUseful where line().count > limit { forms[index] = parts[index].short }
+        for index in leastUseful where line().count > limit && parts[index].priority > 0 { forms[index] = nil }
+        // Room left: the most useful parts get their long form back, as far as it fits.
+        for index in leastUseful.reversed() where forms[index] != nil && forms[index] != parts[index].long {
+            let short = forms[index]
+            forms[index] = parts[index].long
+            if line().count > limit { forms[index] = short }
         }
         let text = line()
         return text.count <= limit ? text : String(text.prefix(limit - 3)) + "..."
@@ -212,11 +216,12 @@ enum StatusLine {
         return "no job; \(image) serves \(serving ?? "its source")"
     }
 
-    /// The terminal's width (COLUMNS first, as shells and tests set it), else unlimited.
+    /// The terminal's width, asked at every redraw (a resized window gets a line that fits);
+    /// without a terminal, COLUMNS; else unlimited.
     static func width() -> Int {
-        if let columns = ProcessInfo.processInfo.environment["COLUMNS"].flatMap(Int.init), columns > 0 { return columns }
         var size = winsize()
         if ioctl(STDOUT_FILENO, UInt(TIOCGWINSZ), &size) == 0, size.ws_col > 0 { return Int(size.ws_col) }
+        if let columns = ProcessInfo.processInfo.environment["COLUMNS"].flatMap(Int.init), columns > 0 { return columns }
         return Int.max / 2
     }
 

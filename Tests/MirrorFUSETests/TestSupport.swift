@@ -1,3 +1,4 @@
+import CLinux
 import Foundation
 import XCTest
 
@@ -17,10 +18,12 @@ struct CommandResult {
 /// Runs a program to completion (killed after `timeout` seconds) and captures its output.
 @discardableResult
 func execute(_ executable: String, _ arguments: [String], timeout: TimeInterval = 120,
-         file: StaticString = #filePath, line: UInt = #line) throws -> CommandResult {
+             environment: [String: String] = [:],
+             file: StaticString = #filePath, line: UInt = #line) throws -> CommandResult {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable.hasPrefix("/") ? executable : try which(executable))
     process.arguments = arguments
+    if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
     let out = Pipe(), err = Pipe()
     process.standardOutput = out
     process.standardError = err
@@ -117,11 +120,13 @@ final class Mount {
     let image: String
     let stderrPipe = Pipe()
 
-    init(source: String, at mountpoint: String, extra: [String] = [], file: StaticString = #filePath, line: UInt = #line) throws {
+    init(source: String, at mountpoint: String, extra: [String] = [], environment: [String: String] = [:],
+         file: StaticString = #filePath, line: UInt = #line) throws {
         self.mountpoint = mountpoint
         self.image = mountpoint + "/" + URL(fileURLWithPath: source).lastPathComponent
         process.executableURL = URL(fileURLWithPath: mirrorfsBinary)
         process.arguments = ["mount", source, mountpoint] + extra
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         process.standardError = stderrPipe
         process.standardOutput = FileHandle.nullDevice
         try process.run()
@@ -162,24 +167,48 @@ final class Mount {
     }
 }
 
-/// Runs one of the project's tools/ scripts against the built binary; returns its exit
-/// status and combined output.
-func runTool(_ relativePath: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        .deletingLastPathComponent().deletingLastPathComponent().path
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: root + "/" + relativePath)
-    process.arguments = arguments
-    var environment = ProcessInfo.processInfo.environment
+/// Runs one of the project's tools/ scripts against the built binary, in its own process
+/// group (killed whole after `timeout` seconds); returns its exit status and combined output.
+func runTool(_ relativePath: String, _ arguments: [String], timeout: TimeInterval = 1800,
+             environment extra: [String: String] = [:],
+             file: StaticString = #filePath, line: UInt = #line) throws -> (status: Int32, output: String) {
+    let log = try Scratch()
+    let output = log.file("output")
+    let path = projectRoot + "/" + relativePath
+    var environment = ProcessInfo.processInfo.environment.merging(extra) { $1 }
     environment["MIRRORFS"] = mirrorfsBinary
-    process.environment = environment
-    let output = Pipe()
-    process.standardOutput = output
-    process.standardError = output
-    try process.run()
-    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
-    return (process.terminationStatus, text)
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    posix_spawn_file_actions_adddup2(&actions, 1, 2)
+    _ = clinux_spawn_addclosefrom(&actions, 3)
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    defer { posix_spawnattr_destroy(&attributes) }
+    posix_spawnattr_setpgroup(&attributes, 0)
+    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+    let argv = ([path] + arguments).map { strdup($0) } + [nil]
+    let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+    defer { (argv + envp).forEach { free($0) } }
+    var pid: pid_t = 0
+    let spawned = posix_spawn(&pid, path, &actions, &attributes, argv, envp)
+    guard spawned == 0 else { throw POSIXError(POSIXErrorCode(rawValue: spawned) ?? .EIO) }
+    let deadline = Date().addingTimeInterval(timeout)
+    var status: Int32 = 0
+    while true {
+        let reaped = waitpid(pid, &status, WNOHANG)
+        if reaped == pid || (reaped < 0 && errno != EINTR) { break }
+        if Date() > deadline {
+            kill(-pid, SIGKILL)
+            XCTFail("\(relativePath) \(arguments.joined(separator: " ")) timed out", file: file, line: line)
+        }
+        usleep(20_000)
+    }
+    let text = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+    let code = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    return (code, text)
 }
 
 /// Polls `.status/job.json` of a mount until it contains `fragment`; returns the last text.
