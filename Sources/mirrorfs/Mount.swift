@@ -24,7 +24,7 @@ extension Mirrorfs {
         @Argument(help: "The raw image to serve.") var source: String
         @Argument(help: "An empty directory to mount on.") var mountpoint: String
         @OptionGroup var job: JobOptions
-        @Option(help: "The QMP control socket (default: next to the log, named after the mountpoint).")
+        @Option(help: "The QMP control socket (default: $XDG_RUNTIME_DIR/mirrorfs/ or /tmp/mirrorfs-<uid>/, named after the mountpoint).")
         var qmp: String?
         @Option(help: "Seconds an NBD target may take to answer one request (or to connect) before it counts as failed.")
         var nbdTimeout: Double = NBDBlockDevice.defaultTimeout

@@ -24,7 +24,7 @@ final class ControlTests: XCTestCase {
         let source = try scratch.image("disk.raw", size: 1 << 20)
         let socket = scratch.file("qmp.sock")
         let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--qmp", socket])
-        let script = "printf 'query-block-jobs\\nquery-version\\n' | qmp-shell '\(socket)'"
+        let script = "printf 'query-block-jobs\\nquery-version\\n' | '\(URL(fileURLWithPath: testPython).deletingLastPathComponent().path)/qmp-shell' '\(socket)'"
         let out = try check("/bin/sh", ["-c", script])
         XCTAssertTrue(out.contains(#"{"return": []}"#), out)
         XCTAssertTrue(out.contains(#""major": 8"#), out)

@@ -92,7 +92,7 @@ final class ImageIOTests: XCTestCase {
         let scratch = try Scratch()
         let source = try scratch.image("huge.raw", size: 1 << 40)
         let start = Date()
-        try check(mirrorfsBinary, ["mount", source, try scratch.directory("mnt"), "--daemonize"])
+        try check(mirrorfsBinary, ["mount", source, try scratch.directory("mnt"), "--daemonize", "--log-file", scratch.file("log")])
         let mounted = Date().timeIntervalSince(start)
         defer { _ = try? execute(mirrorfsBinary, ["unmount", scratch.file("mnt")]) }
         XCTAssertLessThan(mounted, 1.0, "mount took \(mounted) s")

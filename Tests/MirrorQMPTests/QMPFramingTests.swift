@@ -39,8 +39,17 @@ final class QMPFramingTests: XCTestCase {
 }
 
 final class QMPDispatchTests: XCTestCase {
+    /// Images the test made, removed at its end.
+    private var images: [String] = []
+
+    override func tearDown() {
+        for path in images { try? FileManager.default.removeItem(atPath: path) }
+        images = []
+    }
+
     private func commands() -> QMPCommands {
         let path = NSTemporaryDirectory() + "/qmp-\(UUID().uuidString).raw"
+        images.append(path)
         _ = FileManager.default.createFile(atPath: path, contents: Data(count: 65536))
         let pool = AlignedBufferPool(bufferSize: 65536)
         let device = try! FileBlockDevice(path: path, readOnly: false, bufferPool: pool)
