@@ -259,17 +259,19 @@ enum MountpointCheck {
         guard (st.st_mode & S_IFMT) == S_IFDIR else {
             throw CLIError("mountpoint '\(path)' is not a directory")
         }
-        if let resolved = realpath(path, nil) {
-            let full = String(cString: resolved)
-            free(resolved)
-            if let mount = MountTable.mirrorfsMounts().first(where: { $0.mountpoint == full }) {
-                throw CLIError("mountpoint '\(path)' is already a mirrorfs mount (of \(mount.source)): 'mirrorfs status \(path)' shows it, 'mirrorfs unmount \(path)' ends it")
-            }
-        }
         // stat may be answered from the kernel's cache even when the daemon behind is gone.
         guard let directory = opendir(path) else {
             if errno == ENOTCONN { return try detachStaleMount(path) }
             throw CLIError("mountpoint '\(path)' cannot be listed: \(String(cString: strerror(errno)))")
+        }
+        // A live mirrorfs mount (a stale one failed the listing above).
+        if let resolved = realpath(path, nil) {
+            let full = String(cString: resolved)
+            free(resolved)
+            if let mount = MountTable.mirrorfsMounts().first(where: { $0.mountpoint == full }) {
+                closedir(directory)
+                throw CLIError("mountpoint '\(path)' is already a mirrorfs mount (of \(mount.source)): 'mirrorfs status \(path)' shows it, 'mirrorfs unmount \(path)' ends it")
+            }
         }
         var empty = true
         while let entry = readdir(directory) {

@@ -175,7 +175,7 @@ final class ImageIOTests: XCTestCase {
         let entries = try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint).sorted()
         XCTAssertEqual(entries, [".status", "disk.raw"])
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mount.mountpoint + "/.status").sorted(),
-                       ["events.jsonl", "job.json"])
+                       ["events.jsonl", "job.json", "metrics.prom"])
         XCTAssertEqual(try check("cat", [mount.mountpoint + "/.status/job.json"]), "null\n")
         XCTAssertEqual(try check("jq", ["-c", ".", mount.mountpoint + "/.status/job.json"]), "null\n")
         XCTAssertEqual(try fileStatus(mount.mountpoint + "/.status/job.json").st_size, 5)
