@@ -235,7 +235,8 @@ final class ListTests: XCTestCase {
     func testListNamesAMountWhoseDaemonIsGone() throws {
         let scratch = try Scratch()
         let source = try scratch.image("disk.raw", size: 8 << 20)
-        let mount = try Mount(source: source, at: try scratch.directory("mnt"))
+        // Its own socket path: a daemon killed with -9 leaves the socket file behind.
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--qmp", scratch.file("qmp.sock")])
         mount.stop(signal: SIGKILL)
         let table = try check(mirrorfsBinary, ["list"])
         let row = table.split(separator: "\n").first { $0.hasPrefix(mount.mountpoint + " ") }.map(String.init) ?? ""

@@ -76,7 +76,20 @@ final class Scratch {
         guard let made = mkdtemp(&bytes) else { throw POSIXError(.EIO) }
         path = String(cString: made)
     }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
+    /// Removes the directory whole: file systems a test mounted inside it (tmpfs, a
+    /// mirrorfs mount) are detached first, and a removal that races with a process still
+    /// finishing (a daemon's last log line, a server's socket) is tried again.
+    deinit {
+        let table = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        let inside = table.split(separator: "\n").compactMap { $0.split(separator: " ").dropFirst(4).first.map(String.init) }
+            .filter { $0.hasPrefix(path + "/") }
+        for mountpoint in inside.sorted(by: >) { umount2(mountpoint, Int32(MNT_DETACH)) }
+        for _ in 0..<50 {
+            try? FileManager.default.removeItem(atPath: path)
+            if !FileManager.default.fileExists(atPath: path) { return }
+            usleep(100_000)
+        }
+    }
 
     func file(_ name: String) -> String { path + "/" + name }
 
