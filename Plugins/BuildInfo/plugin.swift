@@ -11,6 +11,7 @@ struct BuildInfo: BuildToolPlugin {
         let root = context.package.directoryURL.path(percentEncoded: false)
         let script = """
             version=$(cat "$1/VERSION" 2>/dev/null || echo unknown)
+            git() { command git -c safe.directory='*' --no-optional-locks "$@"; }
             commit=$(git -C "$1" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
             if [ "$commit" != unknown ] && [ -n "$(git -C "$1" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
               commit="$commit-modified"

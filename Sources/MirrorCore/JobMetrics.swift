@@ -4,13 +4,15 @@ import Foundation
 /// (node_exporter's textfile collector reads it as is). Every figure is one gauge or
 /// counter; job figures carry the job's `device` label, image figures an `image` label.
 public enum JobMetrics {
-    public static func text(image: String, imageSize: UInt64, writesServed: Int, serving: String,
+    /// Every sample carries `mountpoint` too: files of several mounts collected together
+    /// (two mounts may serve images of one name) never repeat a series.
+    public static func text(mountpoint: String, image: String, imageSize: UInt64, writesServed: Int, serving: String,
                             job: BlockJobInfo?) -> String {
         var out = ""
         func metric(_ name: String, _ type: String, _ help: String, _ samples: [(labels: [(String, String)], value: Double)]) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
             for sample in samples {
-                let labels = sample.labels.map { "\($0.0)=\"\(escape($0.1))\"" }.joined(separator: ",")
+                let labels = ([("mountpoint", mountpoint)] + sample.labels).map { "\($0.0)=\"\(escape($0.1))\"" }.joined(separator: ",")
                 out += "\(name){\(labels)} \(format(sample.value))\n"
             }
         }
@@ -31,7 +33,7 @@ public enum JobMetrics {
         func flag(_ value: Bool) -> Double { value ? 1 : 0 }
         gauge("len_bytes", "Bytes the job's progress is measured against (query-block-jobs len).", Double(job.len))
         gauge("offset_bytes", "Bytes copied so far (query-block-jobs offset).", Double(job.offset))
-        gauge("remaining_bytes", "Bytes still to copy (len - offset).", Double(job.len &- job.offset))
+        gauge("remaining_bytes", "Bytes still to copy (len - offset).", Double(job.len > job.offset ? job.len - job.offset : 0))
         gauge("dirty_bytes", "Bytes marked dirty and not yet copied.", Double(job.dirtyBytes))
         gauge("speed_limit_bytes_per_second", "Background copy limit (0: none).", Double(job.speed))
         gauge("elapsed_seconds", "Seconds since the job started.", job.elapsedSeconds)

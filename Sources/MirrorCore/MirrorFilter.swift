@@ -262,8 +262,8 @@ public final class MirrorFilter: Sendable {
     }
 
     /// `.status/metrics.prom`: the image's and the job's figures for Prometheus.
-    public func metricsText(imageName: String) -> String {
-        JobMetrics.text(image: imageName, imageSize: size, writesServed: servedWrites,
+    public func metricsText(mountpoint: String, imageName: String) -> String {
+        JobMetrics.text(mountpoint: mountpoint, image: imageName, imageSize: size, writesServed: servedWrites,
                         serving: device.location, job: job?.info())
     }
 }

@@ -73,9 +73,13 @@ public final class FUSEFileSystem: Sendable {
 
     public static let maxWrite = 1 << 20
 
-    public init(filter: MirrorFilter, imageName: String, uid: uid_t, gid: gid_t, permissions: mode_t,
+    /// Where the mount is (the metrics' `mountpoint` label).
+    let mountpoint: String
+
+    public init(filter: MirrorFilter, imageName: String, mountpoint: String = "", uid: uid_t, gid: gid_t, permissions: mode_t,
                 readBuffers: AlignedBufferPool, controlSocket: String?, passDirect: Bool = true,
                 onReady: @escaping @Sendable () -> Void) {
+        self.mountpoint = mountpoint
         self.passDirect = passDirect
         self.controlSocket = controlSocket
         self.filter = filter
@@ -162,7 +166,7 @@ public final class FUSEFileSystem: Sendable {
         switch node {
         case .jobJSON: Array(filter.jobJSON().utf8)
         case .eventsJSONL: Array(filter.events.text().utf8)
-        case .metricsProm: Array(filter.metricsText(imageName: imageName).utf8)
+        case .metricsProm: Array(filter.metricsText(mountpoint: mountpoint, imageName: imageName).utf8)
         default: []
         }
     }

@@ -93,13 +93,17 @@ extension MountTable {
     /// it or whose job writes it, and the command that ends that; else a hint at the usual
     /// other holders.
     public static func holder(of path: String) -> String {
-        let resolved = realpath(path, nil).map { p in defer { free(p) }; return String(cString: p) } ?? path
+        func resolved(_ path: String) -> String {
+            realpath(path, nil).map { p in defer { free(p) }; return String(cString: p) } ?? path
+        }
+        let image = resolved(path)
         for mount in mirrorfsMounts() {
+            // What it serves now (the target after a pivot); its source only if it cannot tell.
             let serving = rootAttribute("user.mirrorfs.serving", of: mount.mountpoint, timeout: 2) ?? mount.source
-            if serving == resolved || mount.source == resolved {
+            if resolved(serving) == image {
                 return "it is served by the mirrorfs mount '\(mount.mountpoint)'; end that with 'mirrorfs unmount \(mount.mountpoint)'"
             }
-            if rootAttribute("user.mirrorfs.target", of: mount.mountpoint, timeout: 2) == resolved {
+            if let target = rootAttribute("user.mirrorfs.target", of: mount.mountpoint, timeout: 2), resolved(target) == image {
                 return "it is the target of the job on the mirrorfs mount '\(mount.mountpoint)'; end that with 'mirrorfs job cancel \(mount.mountpoint)'"
             }
         }

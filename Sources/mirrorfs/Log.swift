@@ -60,9 +60,19 @@ final class LogSink: @unchecked Sendable {
     func rotate(path: String, at limit: Int) {
         lock.lock()
         defer { lock.unlock() }
+        // Only a regular file that is the one stderr writes: never /dev/null, a pipe, or a
+        // file another name now points to.
+        guard let size = Self.sameRegularFile(fd, path) else { return }
         rotation = (path, max(limit, 4096))
-        var st = stat()
-        fileSize = fstat(fd, &st) == 0 ? Int(st.st_size) : 0
+        fileSize = size
+    }
+
+    /// The size of the file `fd` writes when `path` names that same regular file; else nil.
+    private static func sameRegularFile(_ fd: Int32, _ path: String) -> Int? {
+        var open = stat(), named = stat()
+        guard fstat(fd, &open) == 0, stat(path, &named) == 0, (open.st_mode & S_IFMT) == S_IFREG,
+              open.st_dev == named.st_dev, open.st_ino == named.st_ino else { return nil }
+        return Int(open.st_size)
     }
 
     func drain(timeout: Double) {
@@ -104,15 +114,23 @@ final class LogSink: @unchecked Sendable {
     }
 
     /// `path` becomes `path.1` (replacing the older one) and a new, empty `path` takes its
-    /// place as stderr; false when that failed and the current file stays in use.
+    /// place as stdout and stderr; false when that failed and the current file stays in use
+    /// (a path that no longer names the file written is never renamed).
     private func rotate(_ path: String) -> Bool {
+        guard Self.sameRegularFile(fd, path) != nil else { return false }
         let fresh = open(path + ".new", O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o600)
         guard fresh >= 0 else { return false }
         defer { close(fresh) }
-        guard rename(path, path + ".1") == 0, rename(path + ".new", path) == 0 else {
+        guard rename(path, path + ".1") == 0 else {
             unlink(path + ".new")
             return false
         }
+        guard rename(path + ".new", path) == 0 else {
+            rename(path + ".1", path)
+            unlink(path + ".new")
+            return false
+        }
+        if fd == STDERR_FILENO { dup2(fresh, STDOUT_FILENO) }
         return dup2(fresh, fd) >= 0
     }
 

@@ -131,7 +131,7 @@ extension Mirrorfs {
                 if !existed { createdTarget = target }
             }
             let fileSystem = FUSEFileSystem(
-                filter: filter, imageName: image.name, uid: image.uid, gid: image.gid,
+                filter: filter, imageName: image.name, mountpoint: mountpoint, uid: image.uid, gid: image.gid,
                 permissions: image.permissions, readBuffers: pool, controlSocket: socketPath,
                 passDirect: odirect == .passthrough,
                 onReady: {

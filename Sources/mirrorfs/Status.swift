@@ -52,7 +52,11 @@ extension Mirrorfs {
                     while let event = try client.nextEvent(timeout: 0) { ending.note(event) }
                     if terminal && drew { print("\r\u{1B}[2K", terminator: "") }
                     if !json {
-                        let serving = try? ControlClient.rootAttribute("user.mirrorfs.serving", of: mountpoint)
+                        // What the mount serves now tells a pivot from a cancel after ready.
+                        var serving: String?
+                        for _ in 0..<3 where serving == nil {
+                            serving = try? ControlClient.rootAttribute("user.mirrorfs.serving", of: mountpoint, deadline: 5)
+                        }
                         if let closing = try ending.closingLine(mountpoint: mountpoint, serving: serving) {
                             print(closing)
                         } else if !drew {
@@ -81,7 +85,7 @@ struct RateSampler {
 
     mutating func add(_ job: JSONValue) {
         guard case .int(let offset)? = job["offset"] else { return }
-        let now = Date().timeIntervalSince1970
+        let now = ProcessInfo.processInfo.systemUptime  // monotonic: a clock step changes no rate
         if let last = samples.last, offset < last.offset { samples.removeAll() }  // a new job
         samples.append((now, offset))
         samples.removeAll { now - $0.time > 5 }

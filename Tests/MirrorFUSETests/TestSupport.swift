@@ -216,6 +216,8 @@ func runTool(_ relativePath: String, _ arguments: [String], timeout: TimeInterva
         if Date() > deadline {
             kill(-pid, SIGKILL)
             XCTFail("\(relativePath) \(arguments.joined(separator: " ")) timed out", file: file, line: line)
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            break
         }
         usleep(20_000)
     }
