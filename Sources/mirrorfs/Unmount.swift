@@ -13,6 +13,7 @@ extension Mirrorfs {
 
         func run() throws {
             guard let resolved = realpath(mountpoint, nil) else {
+                if errno == ENOTCONN { return try detachStale() }
                 throw CLIError("mountpoint '\(mountpoint)': \(String(cString: strerror(errno)))")
             }
             let path = String(cString: resolved)
@@ -20,11 +21,14 @@ extension Mirrorfs {
             guard MountTable.isMirrorfsMount(path) else {
                 throw CLIError("'\(mountpoint)' is not a mirrorfs mount")
             }
+            let pidRead = MountTable.readRootAttribute("user.mirrorfs.pid", of: path, timeout: ControlClient.replyDeadline)
+            if case .failed(ENOTCONN) = pidRead { return try detachStale() }
             // What an unfinished job leaves behind, said after the unmount.
             // Asked only of a mount that answers (a stopped daemon would hold the reads).
-            let client = try? ControlClient(mountpoint: path)
+            let daemon: pid_t? = if case .value(let pid) = pidRead { pid_t(pid) } else { nil }
+            // (A mount that did not answer the pid read is not asked again.)
+            let client = daemon == nil ? nil : try? ControlClient(mountpoint: path)
             let unfinished = (try? client?.currentJob()) ?? nil
-            let daemon = (try? ControlClient.rootAttribute("user.mirrorfs.pid", of: path)).flatMap { pid_t($0) }
             func done() {
                 if let unfinished { print(LeftBehind.describe(unfinished)) }
                 // Return once the daemon has flushed, recorded the stop and let go of its image
@@ -51,6 +55,24 @@ extension Mirrorfs {
             helper.waitUntilExit()
             guard helper.terminationStatus == 0 else { throw CLIError("fusermount3 -u '\(mountpoint)' failed") }
             done()
+        }
+
+        /// A mount whose daemon is gone ("Transport endpoint is not connected"): detached,
+        /// with the command that mounts it again.
+        private func detachStale() throws {
+            let url = URL(fileURLWithPath: mountpoint)
+            guard let parent = realpath(url.deletingLastPathComponent().path, nil) else {
+                throw CLIError("mountpoint '\(mountpoint)': \(String(cString: strerror(errno)))")
+            }
+            let path = String(cString: parent) + "/" + url.lastPathComponent
+            free(parent)
+            guard let mount = MountTable.mirrorfsMounts().first(where: { $0.mountpoint == path }) else {
+                throw CLIError("'\(mountpoint)' is a stale mount that is not mirrorfs's; clear it with 'fusermount3 -u \(mountpoint)'")
+            }
+            guard umount2(path, Int32(MNT_DETACH)) == 0 else {
+                throw CLIError("cannot detach the stale mount '\(mountpoint)': \(String(cString: strerror(errno)))")
+            }
+            print("the daemon of '\(mountpoint)' was gone: detached its stale mount; 'mirrorfs mount \(mount.source) \(mountpoint)' mounts it again, with the same --target to resume its job")
         }
 
         /// Whether `pid` still runs (a zombie nobody reaps has let go of everything).

@@ -248,7 +248,10 @@ final class ListTests: XCTestCase {
         let status = try execute(mirrorfsBinary, ["status", mount.mountpoint])
         XCTAssertEqual(status.status, 1)
         XCTAssertEqual(status.stderr, "mirrorfs: error: the daemon of '\(mount.mountpoint)' is gone (the mount is stale): 'mirrorfs mount \(source) \(mount.mountpoint)' mounts it again, with the same --target to resume its job\n")
-        try check("/usr/bin/fusermount3", ["-u", "-z", mount.mountpoint])
+        // unmount of it detaches it and says how to mount it again.
+        let unmount = try check(mirrorfsBinary, ["unmount", mount.mountpoint])
+        XCTAssertEqual(unmount, "the daemon of '\(mount.mountpoint)' was gone: detached its stale mount; 'mirrorfs mount \(source) \(mount.mountpoint)' mounts it again, with the same --target to resume its job\n")
+        XCTAssertFalse(isMounted(mount.mountpoint))
     }
 }
 
