@@ -145,19 +145,7 @@ final class UnixNBDServer {
 /// the detached daemon inherits, and would wait for as long as the daemon runs. The
 /// child keeps only stdin (/dev/null) and stdout/stderr (`log`).
 func startDaemon(_ executable: String, _ arguments: [String], log: String) throws {
-    let path = try which(executable)
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    posix_spawn_file_actions_adddup2(&actions, 1, 2)
-    _ = clinux_spawn_addclosefrom(&actions, 3)
-    let argv = ([path] + arguments).map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
-    var pid: pid_t = 0
-    let spawned = posix_spawn(&pid, path, &actions, nil, argv, environ)
-    guard spawned == 0 else { throw POSIXError(POSIXErrorCode(rawValue: spawned) ?? .EIO) }
+    let pid = try spawn(try which(executable), arguments, output: log)
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
     guard status == 0 else {

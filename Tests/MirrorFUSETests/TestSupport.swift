@@ -190,24 +190,7 @@ func runTool(_ relativePath: String, _ arguments: [String], timeout: TimeInterva
     let path = projectRoot + "/" + relativePath
     var environment = ProcessInfo.processInfo.environment.merging(extra) { $1 }
     environment["MIRRORFS"] = mirrorfsBinary
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    posix_spawn_file_actions_adddup2(&actions, 1, 2)
-    _ = clinux_spawn_addclosefrom(&actions, 3)
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    posix_spawnattr_setpgroup(&attributes, 0)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
-    let argv = ([path] + arguments).map { strdup($0) } + [nil]
-    let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-    defer { (argv + envp).forEach { free($0) } }
-    var pid: pid_t = 0
-    let spawned = posix_spawn(&pid, path, &actions, &attributes, argv, envp)
-    guard spawned == 0 else { throw POSIXError(POSIXErrorCode(rawValue: spawned) ?? .EIO) }
+    let pid = try spawn(path, arguments, output: output, environment: environment, ownGroup: true)
     let deadline = Date().addingTimeInterval(timeout)
     var status: Int32 = 0
     while true {
@@ -282,3 +265,32 @@ let testPython: String = {
     if let override = ProcessInfo.processInfo.environment["MIRRORFS_TEST_PYTHON"] { return override }
     return projectRoot + "/.venv/bin/python3"
 }()
+
+/// posix_spawn of `path` with stdin /dev/null and stdout+stderr into the file `output`, no
+/// other descriptor of the test's (a daemon it leaves running holds no pipe of ours);
+/// optionally in a process group of its own, so it can be killed whole.
+func spawn(_ path: String, _ arguments: [String], output: String, environment: [String: String]? = nil,
+           ownGroup: Bool = false) throws -> pid_t {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    posix_spawn_file_actions_adddup2(&actions, 1, 2)
+    _ = clinux_spawn_addclosefrom(&actions, 3)
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    defer { posix_spawnattr_destroy(&attributes) }
+    if ownGroup {
+        posix_spawnattr_setpgroup(&attributes, 0)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+    }
+    let argv = ([path] + arguments).map { strdup($0) } + [nil]
+    let envp = environment.map { $0.map { strdup("\($0.key)=\($0.value)") } + [nil] }
+    defer { (argv + (envp ?? [])).forEach { free($0) } }
+    var pid: pid_t = 0
+    let spawned = envp.map { envp in posix_spawn(&pid, path, &actions, &attributes, argv, envp) }
+        ?? posix_spawn(&pid, path, &actions, &attributes, argv, environ)
+    guard spawned == 0 else { throw POSIXError(POSIXErrorCode(rawValue: spawned) ?? .EIO) }
+    return pid
+}
