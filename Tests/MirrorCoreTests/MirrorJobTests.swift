@@ -264,7 +264,9 @@ final class MirrorJobTests: XCTestCase {
         XCTAssertFalse(job.activelySynced)
         // The image's user is not disturbed.
         XCTAssertEqual(try [UInt8](repeating: 9, count: 4096).withUnsafeBytes { try filter.write($0, at: 0, cache: .cached) }, 4096)
-        while target.failWrites.withLock({ $0 != nil }) { try? job.resume(); usleep(20_000) }
+        let retried = Date().addingTimeInterval(30)
+        while target.failWrites.withLock({ $0 != nil }) && Date() < retried { try? job.resume(); usleep(20_000) }
+        XCTAssertNil(target.failWrites.withLock { $0 }, "the job never retried the failed writes")
         try? job.resume()
         recorder.wait(for: "BLOCK_JOB_READY")
         try job.complete()
@@ -284,7 +286,9 @@ final class MirrorJobTests: XCTestCase {
         options.onTargetError = .stop
         let job = try filter.startMirror(to: target, options: options)
         recorder.wait(for: "BLOCK_JOB_READY")
-        while !job.activelySynced { usleep(2000) }
+        let synced = Date().addingTimeInterval(30)
+        while !job.activelySynced && Date() < synced { usleep(2000) }
+        XCTAssertTrue(job.activelySynced, "never actively synced")
         target.failWrites.withLock { $0 = (.ioError, 1) }
         XCTAssertEqual(try [UInt8](repeating: 1, count: 4096).withUnsafeBytes { try filter.write($0, at: 0, cache: .cached) }, 4096)
         XCTAssertEqual(job.info().ioStatus, .failed)
