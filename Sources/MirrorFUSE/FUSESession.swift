@@ -1,4 +1,5 @@
 import CFuse
+import CLinux
 import Glibc
 import SystemPackage
 
@@ -74,6 +75,11 @@ public final class FUSESession {
             throw FUSEError(description: "cannot install signal handlers")
         }
         defer { fuse_remove_signal_handlers(session) }
+        // libfuse's handlers only flag the exit; the loop notices when its own thread is
+        // interrupted. Any other thread that gets the signal hands it on to this one.
+        guard clinux_route_exit_signals_to_this_thread() == 0 else {
+            throw FUSEError(description: "cannot install signal handlers")
+        }
         guard fuse_session_mount(session, mountpoint) == 0 else {
             throw FUSEError(description: "cannot mount on \(mountpoint) (see the message above)")
         }

@@ -439,3 +439,42 @@ final class DatagramListener {
     }
 }
 
+
+/// SIGTERM ends the mount whichever of the daemon's threads the kernel gives it to (after
+/// SIGSTOP/SIGCONT the main thread may not be the one): a service stop never hangs.
+final class ExitSignalTests: XCTestCase {
+    func testSIGTERMToAnyThreadUnmountsCleanly() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 8 << 20, randomPieces: [(0, 1 << 20)])
+        // The threads of one daemon (a job runs, so its threads exist too).
+        let probe = try Mount(source: source, at: try scratch.directory("probe"), extra: ["--target", scratch.file("probe.raw")])
+        waitReady(probe.mountpoint)
+        let count = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(probe.process.processIdentifier)/task").count
+        XCTAssertEqual(probe.stop(), 0)
+        XCTAssertGreaterThan(count, 3)
+        // Each thread by its place in the list: a fresh daemon for every one.
+        var tried = 0
+        for index in 1..<count {
+            let mount = try Mount(source: source, at: try scratch.directory("mnt\(index)"),
+                                  extra: ["--target", scratch.file("t\(index).raw")])
+            waitReady(mount.mountpoint)
+            let pid = mount.process.processIdentifier
+            // Threads that block SIGTERM (libfuse's workers) never get a process's signal.
+            let threads = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")
+                .compactMap { Int32($0) }.filter { $0 != pid && !blocksSIGTERM(pid, $0) }.sorted()
+            guard index - 1 < threads.count else { continue }
+            XCTAssertEqual(clinux_tgkill(pid, threads[index - 1], SIGTERM), 0)
+            XCTAssertEqual(mount.waitForExit(timeout: 10), 0, "SIGTERM to thread \(index) of \(threads.count)")
+            XCTAssertFalse(isMounted(mount.mountpoint))
+            tried += 1
+        }
+        XCTAssertGreaterThan(tried, 2, "threads that take SIGTERM besides the main one")
+    }
+
+    private func blocksSIGTERM(_ pid: Int32, _ tid: Int32) -> Bool {
+        let status = (try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/status", encoding: .utf8)) ?? ""
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("SigBlk:") }),
+              let mask = UInt64(line.dropFirst("SigBlk:".count).trimmingCharacters(in: .whitespaces), radix: 16) else { return true }
+        return mask & (1 << (UInt64(SIGTERM) - 1)) != 0
+    }
+}

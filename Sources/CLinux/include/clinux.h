@@ -27,4 +27,12 @@ int clinux_ofd_unlock(int fd, off_t start);
 /// `start` (F_OFD_GETLK for a write lock): 1 yes, 0 no, -1 with errno on failure.
 int clinux_ofd_byte_locked_by_others(int fd, off_t start);
 
+/// The handlers now installed for SIGINT, SIGTERM and SIGHUP (libfuse's, which only flag
+/// the session as exited) run on the calling thread, the one that waits in the FUSE loop:
+/// a signal the kernel gives to any other thread (a job's, the log writer's) is sent on
+/// to it, so the loop always wakes. 0, or -1 with errno.
+int clinux_route_exit_signals_to_this_thread(void);
+/// tgkill(2): `signal` to one thread `tid` of process `pid` (tests).
+int clinux_tgkill(pid_t pid, pid_t tid, int signal);
+
 #endif
