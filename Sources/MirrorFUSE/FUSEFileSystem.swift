@@ -35,15 +35,15 @@ public final class FUSEFileSystem: Sendable {
     /// The QMP socket's path, published as the root's `user.mirrorfs.qmp` attribute so that
     /// `mirrorfs job|status MOUNTPOINT` find it from the mount alone.
     let controlSocket: String?
-    public static let controlSocketAttribute = "user.mirrorfs.qmp"
+    public static let controlSocketAttribute = RootAttribute.qmp
     /// The serving daemon's pid, so that `unmount` can wait until it has let go of the images.
-    public static let pidAttribute = "user.mirrorfs.pid"
+    public static let pidAttribute = RootAttribute.pid
 
     /// The file the image is served from now (the target's after a pivot), so that
     /// `mirrorfs list` shows it.
-    public static let servingAttribute = "user.mirrorfs.serving"
+    public static let servingAttribute = RootAttribute.serving
     /// The target of the job that runs, if any: a start that finds it locked names the mount.
-    public static let targetAttribute = "user.mirrorfs.target"
+    public static let targetAttribute = RootAttribute.target
 
     /// The root's extended attributes.
     var rootAttributes: [String: String] {

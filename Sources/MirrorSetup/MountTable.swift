@@ -1,4 +1,5 @@
 import Foundation
+import MirrorCore
 import CLinux
 import Glibc
 
@@ -99,11 +100,11 @@ extension MountTable {
         let image = resolved(path)
         for mount in mirrorfsMounts() {
             // What it serves now (the target after a pivot); its source only if it cannot tell.
-            let serving = rootAttribute("user.mirrorfs.serving", of: mount.mountpoint, timeout: 2) ?? mount.source
+            let serving = rootAttribute(RootAttribute.serving, of: mount.mountpoint, timeout: 2) ?? mount.source
             if resolved(serving) == image {
                 return "it is served by the mirrorfs mount '\(mount.mountpoint)'; end that with 'mirrorfs unmount \(mount.mountpoint)'"
             }
-            if let target = rootAttribute("user.mirrorfs.target", of: mount.mountpoint, timeout: 2), resolved(target) == image {
+            if let target = rootAttribute(RootAttribute.target, of: mount.mountpoint, timeout: 2), resolved(target) == image {
                 return "it is the target of the job on the mirrorfs mount '\(mount.mountpoint)'; end that with 'mirrorfs job cancel \(mount.mountpoint)'"
             }
         }

@@ -22,7 +22,7 @@ final class ControlClient {
     init(mountpoint: String, deadline: Double = ControlClient.replyDeadline) throws {
         self.mountpoint = mountpoint
         self.deadline = deadline
-        let path = try Self.rootAttribute("user.mirrorfs.qmp", of: mountpoint, deadline: deadline)
+        let path = try Self.rootAttribute(RootAttribute.qmp, of: mountpoint, deadline: deadline)
         guard let address = UnixSocketAddress(path: path) else {
             throw CLIError("the daemon's socket path '\(path)' is too long")
         }

@@ -56,8 +56,7 @@ extension Mirrorfs.Job {
         func run() throws {
             guard let target = job.target else { throw CLIError("job start needs --target") }
             let client = try ControlClient(mountpoint: mountpoint)
-            let entries = try FileManager.default.contentsOfDirectory(atPath: mountpoint).filter { $0 != ".status" }
-            guard let imageName = entries.first else { throw CLIError("'\(mountpoint)' shows no image") }
+            guard let imageName = StatusLine.imageName(in: mountpoint) else { throw CLIError("'\(mountpoint)' shows no image") }
             // The daemon checks the target, as for `mount --target` (one setup path); the
             // CLI only picks the mode that means "create it, or reuse it".
             let isNBD = NBDBlockDevice.isURI(target)
@@ -110,7 +109,7 @@ extension Mirrorfs.Job {
             }
             try client.execute("block-job-complete", [("device", .string(id))])
             _ = try waitForEnd(client, mountpoint: mountpoint)
-            if let image = try? FileManager.default.contentsOfDirectory(atPath: mountpoint).first(where: { $0 != ".status" }),
+            if let image = StatusLine.imageName(in: mountpoint),
                case .string(let target)? = job["target"] {
                 print("pivoted: \(mountpoint)/\(image) now serves \(target)")
             }

@@ -29,7 +29,7 @@ extension Mirrorfs {
         private static func row(for mount: MountTable.Entry) -> [String] {
             let image = URL(fileURLWithPath: mount.source).lastPathComponent
             let path = mount.mountpoint
-            switch MountTable.readRootAttribute("user.mirrorfs.pid", of: path, timeout: 2) {
+            switch MountTable.readRootAttribute(RootAttribute.pid, of: path, timeout: 2) {
             case .failed(ENOTCONN):
                 return [path, image, "-", "-", "daemon gone: 'mirrorfs mount \(mount.source) \(path)' mounts it again"]
             case .failed(let reason):
@@ -37,7 +37,7 @@ extension Mirrorfs {
             case .timedOut:
                 return [path, image, "-", "-", "not answering (the daemon may be stopped)"]
             case .value(let pid):
-                let serving = MountTable.rootAttribute("user.mirrorfs.serving", of: path, timeout: 2) ?? "?"
+                let serving = MountTable.rootAttribute(RootAttribute.serving, of: path, timeout: 2) ?? "?"
                 let job: String
                 do {
                     let client = try ControlClient(mountpoint: path, deadline: 2)

@@ -55,7 +55,7 @@ extension Mirrorfs {
                         // What the mount serves now tells a pivot from a cancel after ready.
                         var serving: String?
                         for _ in 0..<3 where serving == nil {
-                            serving = try? ControlClient.rootAttribute("user.mirrorfs.serving", of: mountpoint, deadline: 5)
+                            serving = try? ControlClient.rootAttribute(RootAttribute.serving, of: mountpoint, deadline: 5)
                         }
                         if let closing = try ending.closingLine(mountpoint: mountpoint, serving: serving) {
                             print(closing)
@@ -215,7 +215,7 @@ enum StatusLine {
     }
 
     static func noJob(mountpoint: String) -> String {
-        let serving = try? ControlClient.rootAttribute("user.mirrorfs.serving", of: mountpoint)
+        let serving = try? ControlClient.rootAttribute(RootAttribute.serving, of: mountpoint)
         let image = imageName(in: mountpoint).map { "\(mountpoint)/\($0)" } ?? mountpoint
         return "no job; \(image) serves \(serving ?? "its source")"
     }

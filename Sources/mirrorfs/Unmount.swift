@@ -21,7 +21,7 @@ extension Mirrorfs {
             guard MountTable.isMirrorfsMount(path) else {
                 throw CLIError("'\(mountpoint)' is not a mirrorfs mount")
             }
-            let pidRead = MountTable.readRootAttribute("user.mirrorfs.pid", of: path, timeout: ControlClient.replyDeadline)
+            let pidRead = MountTable.readRootAttribute(RootAttribute.pid, of: path, timeout: ControlClient.replyDeadline)
             if case .failed(ENOTCONN) = pidRead { return try detachStale() }
             // What an unfinished job leaves behind, said after the unmount.
             // Asked only of a mount that answers (a stopped daemon would hold the reads).
