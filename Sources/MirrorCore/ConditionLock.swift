@@ -1,14 +1,20 @@
 import Glibc
 
-/// A mutex with one condition variable: the job's state lock. Waiters re-check their
-/// predicate after every broadcast, so a waiter never holds a claim while it waits and
-/// no chain of waiters can deadlock (the failure QEMU fixed twice in 2021).
-public final class ConditionLock: @unchecked Sendable {
+/// A mutex with one condition variable, owning the value it guards: only code inside
+/// `withLock` can touch it. Waits are part of a locked section (`withLock(waiting:)`): the
+/// section says it must wait, the lock waits for a broadcast (or a timeout) and runs the
+/// section again, so a waiter re-checks what it waits for after every wake-up, never holds
+/// a claim while it waits, and no chain of waiters can deadlock (the failure QEMU fixed
+/// twice in 2021).
+public final class ConditionLock<Value>: @unchecked Sendable {
     // Heap-allocated: pthread objects must not move.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
+    /// Guarded by `mutex`.
+    private var value: Value
 
-    public init() {
+    public init(_ value: Value) {
+        self.value = value
         mutex = .allocate(capacity: 1)
         condition = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
@@ -26,6 +32,55 @@ public final class ConditionLock: @unchecked Sendable {
         condition.deallocate()
     }
 
+    public func withLock<R, E: Error>(_ body: (inout Value) throws(E) -> R) throws(E) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value)
+    }
+
+    /// What a locked section decided: done with a result, or wait and run again.
+    public enum Decision<R> {
+        case done(R)
+        /// Wait for a broadcast, or at most `timeout` seconds, then run the section again.
+        case wait(timeout: Double?)
+    }
+
+    /// Runs `body` under the lock until it is done; each time it asks to wait, the lock is
+    /// released until a broadcast or the timeout.
+    public func withLock<R>(waiting body: (inout Value) -> Decision<R>) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while true {
+            switch body(&value) {
+            case .done(let result): return result
+            case .wait(let timeout): waitLocked(timeout: timeout)
+            }
+        }
+    }
+
+    /// Wakes every waiter; call with the lock held or just after releasing it.
+    public func broadcast() {
+        pthread_cond_broadcast(condition)
+    }
+
+    private func waitLocked(timeout: Double?) {
+        guard let timeout else {
+            pthread_cond_wait(condition, mutex)
+            return
+        }
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let nanos = Int(deadline.tv_nsec) + Int(max(0, min(timeout, 3600)) * 1e9)
+        deadline.tv_sec += nanos / 1_000_000_000
+        deadline.tv_nsec = nanos % 1_000_000_000
+        pthread_cond_timedwait(condition, mutex, &deadline)
+    }
+}
+
+/// A lock whose guarded state lives outside it (the fields of its owner, documented there).
+extension ConditionLock where Value == Void {
+    public convenience init() { self.init(()) }
+
     public func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
@@ -36,23 +91,19 @@ public final class ConditionLock: @unchecked Sendable {
     public func unlock() { pthread_mutex_unlock(mutex) }
 
     /// Waits for a broadcast; the lock must be held. Returns after `timeout` seconds at most.
-    public func wait(timeout: Double? = nil) {
-        guard let timeout else {
-            pthread_cond_wait(condition, mutex)
-            return
-        }
-        var deadline = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &deadline)
-        let nanos = Int(deadline.tv_nsec) + Int(timeout * 1e9)
-        deadline.tv_sec += nanos / 1_000_000_000
-        deadline.tv_nsec = nanos % 1_000_000_000
-        pthread_cond_timedwait(condition, mutex, &deadline)
-    }
+    public func wait(timeout: Double? = nil) { waitLocked(timeout: timeout) }
+}
 
-    /// Wakes every waiter; call with the lock held or just after releasing it.
-    public func broadcast() {
-        pthread_cond_broadcast(condition)
-    }
+/// The engine's time, in seconds: rate limiting, back-off, the log's sweeps and the job's
+/// age read it. Production uses the monotonic clock; tests drive a manual one.
+public protocol JobClock: Sendable {
+    func now() -> Double
+}
+
+/// CLOCK_MONOTONIC.
+public struct MonotonicClock: JobClock {
+    public init() {}
+    public func now() -> Double { monotonicNow() }
 }
 
 /// Seconds on the monotonic clock.

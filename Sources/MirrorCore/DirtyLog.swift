@@ -95,7 +95,7 @@ public final class DirtyLog: @unchecked Sendable {
     public let identity: Identity
     private let fd: Int32
     private var header: [UInt8]
-    private let lock = ConditionLock()
+    private let lock = ConditionLock<Void>()
     // Guarded by `lock`:
     private var wanted: [UInt64]       // bits set in memory
     private var durable: [UInt64]      // bits known to be on disk

@@ -42,6 +42,118 @@ public enum FilterWriteResult {
     case detached
 }
 
+/// One write through the job, after QEMU's MirrorOp for an active write: what
+/// active_write_prepare decided, and what do_sync_target_write sends.
+struct MirrorOp: Sendable, Equatable {
+    let offset: UInt64
+    let length: UInt64
+    /// The chunks the range touches.
+    let chunks: Range<Int>
+    /// Write-blocking (no error, not force-cancelled, target usable): the chunks are
+    /// claimed and the write reaches the target before the reply. Otherwise the range is
+    /// marked dirty after the source write.
+    let mirrored: Bool
+    /// The chunks are claimed (in flight) for this write.
+    var claimed = false
+    /// The part of the range (relative to `offset`) sent to the target, decided after the
+    /// source write: head and tail inside still-dirty chunks are left to the copier.
+    var targetPart: Range<UInt64> = 0..<0
+}
+
+/// Whether a write enters the job.
+enum WriteAdmission: Sendable, Equatable {
+    /// It entered (counted in `filterWrites` until it settles).
+    case admitted(MirrorOp)
+    /// Held: the job converges or lets go.
+    case held
+    /// The job let go: send the write to the device the filter serves now.
+    case detached
+}
+
+extension MirrorState {
+    /// active_write_prepare, first half: the write enters the job, and the job decides
+    /// once whether it is mirrored. A mirrored write registers the chunks it waits for.
+    mutating func admitWrite(offset: UInt64, length: UInt64, now: Double) -> WriteAdmission {
+        switch writeGate {
+        case .held: return .held
+        case .closed: return .detached
+        case .open: break
+        }
+        filterWrites += 1
+        let mirrored = error == nil && pendingExit?.isForced != true && copyMode == .writeBlocking
+            && targetUsable(now: now)
+        let op = MirrorOp(offset: offset, length: length, chunks: dirty.chunks(covering: offset, length: length),
+                          mirrored: mirrored)
+        if mirrored {
+            waitingActive.append(op.chunks)
+        } else {
+            unmirroredWrites += 1
+            activelySynced = false
+        }
+        return .admitted(op)
+    }
+
+    /// active_write_prepare, second half (mirror_wait_on_conflicts): an active write waits
+    /// for its whole range, so fresh data reaches the target after any older copy of the
+    /// same chunks. True once the chunks are claimed.
+    mutating func claimChunks(_ op: inout MirrorOp) -> Bool {
+        precondition(op.mirrored)
+        if (op.chunks.contains { inFlight.isDirty($0) }) { return false }
+        waitingActive.remove(at: waitingActive.firstIndex(of: op.chunks)!)
+        inFlight.set(op.chunks)
+        op.claimed = true
+        return true
+    }
+
+    /// The source write returned. Not mirrored, or failed: the range is dirty (a failed
+    /// write may have changed part of it, a short write before ENOSPC: the copier brings
+    /// over whatever the source now holds). Mirrored: which part goes to the target now
+    /// (do_sync_target_write's head/tail rule); fully covered chunks become clean.
+    mutating func sourceWritten(_ op: inout MirrorOp, succeeded: Bool) {
+        guard op.mirrored else {
+            activelySynced = false
+            dirty.set(op.chunks)
+            unmirroredWrites -= 1
+            return
+        }
+        guard succeeded else {
+            activelySynced = false
+            dirty.set(op.chunks)
+            return
+        }
+        let granularity = options.granularity
+        let offset = op.offset, end = op.offset + op.length
+        var head: UInt64 = 0, tail = op.length
+        if offset % granularity != 0 && dirty.isDirty(Int(offset / granularity)) {
+            head = min((offset / granularity + 1) * granularity - offset, op.length)
+        }
+        if end % granularity != 0 && end != size && dirty.isDirty(Int((end - 1) / granularity)) {
+            tail = max((end / granularity) * granularity, offset + head) - offset
+        }
+        guard head < tail else { return }
+        dirty.clear(dirty.chunks(inside: offset + head, length: tail - head))
+        activeBytesInFlight += tail - head
+        op.targetPart = head..<tail
+    }
+
+    /// active_write_settle: account the target part (a failure re-dirties it and goes to
+    /// the error policy, never to the user), release the chunks, leave the job.
+    mutating func activeWriteSettle(_ op: MirrorOp, targetFailure: Errno?, now: Double) {
+        let part = op.targetPart
+        if !part.isEmpty {
+            activeBytesInFlight -= part.upperBound - part.lowerBound
+            if let targetFailure {
+                markDirty(offset: op.offset + part.lowerBound, length: part.upperBound - part.lowerBound)
+                errorAction(isRead: false, error: targetFailure, now: now)
+            } else {
+                progressCurrent += part.upperBound - part.lowerBound
+            }
+        }
+        if op.claimed { inFlight.clear(op.chunks) }
+        filterWrites -= 1
+    }
+}
+
 extension MirrorJob {
     /// bdrv_mirror_top_do_write: every write through the mount while the job runs.
     /// Background mode, or a job that failed or was force-cancelled: write the source, then
@@ -54,113 +166,57 @@ extension MirrorJob {
     /// copied from the user and which nobody changes until the reply.
     public func filterWrite(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy) throws(Errno) -> FilterWriteResult {
         let length = write.length
-        let granularity = options.granularity
-
-        // active_write_prepare
-        let claimed: (copied: Bool, chunks: Range<Int>)? = lock.withLock {
-            while state.drained && !state.detached { lock.wait() }
-            if state.detached { return nil }
-            state.filterWrites += 1
-            let copied = state.error == nil && !state.forceCancelled && copyMode == .writeBlocking
-                && targetUsable
-            let chunks = state.dirty.chunks(covering: offset, length: length)
-            if copied {
-                // An active write waits for its whole range: fresh data must reach the
-                // target after any older copy of the same chunks.
-                state.waitingActive.append(chunks)
-                while (chunks.contains { state.inFlight.isDirty($0) }) { lock.wait() }
-                state.waitingActive.remove(at: state.waitingActive.firstIndex(of: chunks)!)
-                state.inFlight.set(chunks)
-            } else {
-                state.unmirroredWrites += 1
-                activelySyncedValue.store(false, ordering: .releasing)
-            }
-            return (copied, chunks)
-        }
-        guard let (copied, chunks) = claimed else { return .detached }
+        guard var op = activeWritePrepare(offset: offset, length: length) else { return .detached }
 
         // The region's bit is durable before the source changes: after a crash the log
         // covers every write that may have reached the source and not the target.
         log?.mark(offset: offset, length: length)
-
-        let sourceResult = Result { () throws(Errno) in
+        let sourceFailure = Result { () throws(Errno) in
             try write.apply(to: source, at: offset, skip: 0, length: length, cache: cache)
-        }
+        }.failure
+        state.withLock { $0.sourceWritten(&op, succeeded: sourceFailure == nil) }
+        if !op.mirrored { state.broadcast() }  // actively-synced may wait for this write
 
-        // Which part goes to the target now (do_sync_target_write's head/tail rule).
-        var head: UInt64 = 0, tail = length
-        lock.withLock {
-            if !copied {
-                activelySyncedValue.store(false, ordering: .releasing)
-                state.dirty.set(chunks)
-                state.unmirroredWrites -= 1
-                lock.broadcast()
-                return
-            }
-            guard case .success = sourceResult else {
-                // A failed source write may have changed part of the range (a short write
-                // before ENOSPC): the copier brings whatever the source now holds over.
-                activelySyncedValue.store(false, ordering: .releasing)
-                state.dirty.set(chunks)
-                return
-            }
-            if offset % granularity != 0 && state.dirty.isDirty(Int(offset / granularity)) {
-                head = min((offset / granularity + 1) * granularity - offset, length)
-            }
-            let end = offset + length
-            if end % granularity != 0 && end != size && state.dirty.isDirty(Int((end - 1) / granularity)) {
-                tail = max((end / granularity) * granularity, offset + head) - offset
-            }
-            if head < tail {
-                state.dirty.clear(state.dirty.chunks(inside: offset + head, length: tail - head))
-                state.activeBytesInFlight += tail - head
-            }
-        }
-
+        // do_sync_target_write
         var targetFailure: Errno?
-        if copied, case .success = sourceResult, head < tail {
-            do {
-                try write.apply(to: target, at: offset, skip: head, length: tail - head, cache: cache, isTarget: true)
-            } catch {
-                targetFailure = error
-            }
+        if !op.targetPart.isEmpty {
+            targetFailure = Result { () throws(Errno) in
+                try write.apply(to: target, at: offset, skip: op.targetPart.lowerBound,
+                                length: op.targetPart.upperBound - op.targetPart.lowerBound, cache: cache, isTarget: true)
+            }.failure
         }
 
-        // active_write_settle
         log?.finished(offset: offset, length: length)
-        locked {
-            if copied {
-                if case .success = sourceResult, head < tail {
-                    state.activeBytesInFlight -= tail - head
-                    if let targetFailure {
-                        state.dirty.set(state.dirty.chunks(covering: offset + head, length: tail - head))
-                        errorAction(isRead: false, error: targetFailure)
-                    } else {
-                        state.progressCurrent += tail - head
-                    }
-                }
-                state.inFlight.clear(chunks)
-            }
-            state.filterWrites -= 1
-            lock.broadcast()
-        }
-        if case .failure(let error) = sourceResult { throw error }
+        locked { $0.activeWriteSettle(op, targetFailure: targetFailure, now: clock.now()) }
+        if let sourceFailure { throw sourceFailure }
         return .done
     }
 
-    /// Whether writes should try the target now: not while the job is stopped by a target
-    /// error or backing off after an ignored one, so that a dead target holds no user
-    /// write more than once; those writes are tracked dirty instead. Lock held.
-    var targetUsable: Bool {
-        state.ioStatus == .ok && monotonicNow() >= state.retryAt
+    /// active_write_prepare: admitted (held while the job converges or lets go) and, when
+    /// mirrored, its chunks claimed. Nil when the job let go meanwhile.
+    private func activeWritePrepare(offset: UInt64, length: UInt64) -> MirrorOp? {
+        var admitted: MirrorOp?
+        return state.withLock(waiting: { s -> ConditionLock<MirrorState>.Decision<MirrorOp?> in
+            if admitted == nil {
+                switch s.admitWrite(offset: offset, length: length, now: clock.now()) {
+                case .held: return .wait(timeout: nil)
+                case .detached: return .done(nil)
+                case .admitted(let op): admitted = op
+                }
+            }
+            guard var op = admitted, op.mirrored else { return .done(admitted) }
+            guard s.claimChunks(&op) else { return .wait(timeout: nil) }
+            return .done(op)
+        })
     }
 
     /// An fsync through the mount: in write-blocking mode the target is flushed too
     /// (SPEC 4); a target failure goes to the error policy, never to the user.
     public func flushTargetForUser() {
-        guard copyMode == .writeBlocking, lock.withLock({ targetUsable }) else { return }
-        if case .failure(let error) = Result(catching: { () throws(Errno) in try target.flush(dataOnly: true) }) {
-            locked { errorAction(isRead: false, error: error) }
+        let now = clock.now()
+        guard state.withLock({ $0.copyMode == .writeBlocking && $0.targetUsable(now: now) }) else { return }
+        if let failure = Result(catching: { () throws(Errno) in try target.flush(dataOnly: true) }).failure {
+            locked { $0.errorAction(isRead: false, error: failure, now: clock.now()) }
         }
     }
 }

@@ -2,45 +2,33 @@ import Foundation
 import Synchronization
 import SystemPackage
 
-/// A mirror job, after QEMU's MirrorBlockJob: one object holds the configuration, the
-/// dirty and in-flight bitmaps, the counters and the state machine; `lock` guards all of
-/// `state`. `copyMode` and `activelySynced` are atomics so the write path and queries
-/// read them without the lock.
+/// A mirror job, after QEMU's MirrorBlockJob: the driver of one `MirrorState`. The state
+/// is a value owned by `state` (a lock with one condition variable); its transitions
+/// return what must happen next, and the driver carries that out with the lock released:
+/// I/O on source and target, the dirty log, the filter's callbacks, the events.
 ///
-/// Threads: one job thread runs the main loop (`MirrorJob+Run.swift`), `maxInFlight`
-/// copy workers perform background operations, and the filter's callers (FUSE workers)
-/// run the write path (`MirrorJob+ActiveWrite.swift`). No lock is held across I/O.
-public final class MirrorJob: @unchecked Sendable {
-    /// QEMU's MAX_IN_FLIGHT: background operations at once.
-    static let maxInFlight = 16
-    /// QEMU's MAX_IO_BYTES: the largest single read or write of a copy.
-    static let maxIOBytes: UInt64 = 1 << 20
-
+/// Threads: one job thread runs the main loop (`MirrorJob+MainLoop.swift`), `maxInFlight`
+/// copy workers perform background operations (`+CopyWorker`), and the filter's callers
+/// (FUSE workers) run the write path (`+ActiveWrite`). No lock is held across I/O, and no
+/// listener runs with the lock held.
+public final class MirrorJob: Sendable {
     public let id: String
     public let options: MirrorOptions
     let source: any BlockDevice
     public let target: any BlockDevice
-    /// When the job was created (monotonic seconds): job.json's `elapsed-seconds`.
-    let startedAt: Double
     let size: UInt64
-    /// Largest run of chunks one background operation takes.
-    let maxRunBytes: UInt64
-
-    /// Written by `change` (compare-and-swap) only; read by every write.
-    let copyModeValue: Atomic<UInt8>
-    /// True exactly when write-blocking, clean and nothing in background flight (set by the
-    /// main loop); cleared by any error and any write not mirrored at once.
-    let activelySyncedValue = Atomic<Bool>(false)
-
     /// The persistent dirty log, when the job has one.
     let log: DirtyLog?
+    let clock: any JobClock
+    /// When the job was created, on `clock`: job.json's `elapsed-seconds`.
+    let startedAt: Double
 
-    let lock = ConditionLock()
-    /// Guarded by `lock`.
-    var state: State
+    /// Everything that changes. Broadcast after a change someone may wait for.
+    let state: ConditionLock<MirrorState>
 
-    /// Where events go (the filter: events.jsonl, QMP, the log), called with the job lock
-    /// released: `emit` queues under the lock, `deliverEvents` hands the queue over after.
+    /// Where events go (the filter: events.jsonl, QMP, the log), called with the lock
+    /// released: transitions queue them in `MirrorState.outbox`, `deliverEvents` hands the
+    /// queue over after.
     let sink: @Sendable (JobEvent) -> Void
     /// Serializes delivery, so events leave in the order they were queued.
     let delivery = Mutex<Void>(())
@@ -57,268 +45,103 @@ public final class MirrorJob: @unchecked Sendable {
         case dismissed
     }
 
-    struct State {
-        var status: JobStatus = .undefined
-        var dirty: ChunkBitmap
-        var inFlight: ChunkBitmap
-        /// Ranges of write-blocking writes waiting for their chunks; background runs avoid them
-        /// so a stream of copies cannot starve a user's write.
-        var waitingActive: [Range<Int>] = []
-        var backgroundOps = 0
-        var bytesInFlight: UInt64 = 0
-        var activeBytesInFlight: UInt64 = 0
-        var progressCurrent: UInt64 = 0
-        var progressRemaining: UInt64 = 0
-        var speed: UInt64
-        var ioStatus: IOStatus = .ok
-        var userPaused = false
-        var cancelRequested = false
-        var forceCancelled = false
-        var completeRequested = false
-        var finalizeRequested = false
-        var dismissRequested = false
-        /// The first fatal error (QEMU's `ret`), as its message.
-        var error: String?
-        var becameReady = false
-        var busy = true
-        /// Filter writes between entry and exit; `drained` holds new ones back (completion).
-        var filterWrites = 0
-        /// Writes decided "not mirrored" that have not yet marked their range dirty:
-        /// actively-synced waits for them (a write that saw background mode just before a
-        /// switch to write-blocking).
-        var unmirroredWrites = 0
-        var drained = false
-        /// The mount is ending: no new background work; the log records a clean stop.
-        var shuttingDown = false
-        /// Events queued under the lock, delivered after it is released.
-        var outbox: [JobEvent] = []
-        /// A cancel keeps the log (a mount that did not come up keeps what it resumed).
-        var keepLog = false
-        /// The job no longer sees writes: they go straight to the device the filter serves.
-        var detached = false
-        /// Background work queued for the copy workers, and whether they should exit.
-        var queue: [CopyOperation] = []
-        var workersExit = false
-        var cursor = 0
-        /// Token bucket for `speed` (bytes that may still be sent now; may go negative).
-        var allowance: Double = 0
-        var allowanceTime = monotonicNow()
-        /// When the dirty log was last swept.
-        var lastSweep = monotonicNow()
-        /// After an ignored error, no new background work before this time.
-        var retryAt: Double = 0
-        var retryBackoff: Double = 0.05
-    }
-
-    struct CopyOperation {
-        let chunks: Range<Int>
-        let offset: UInt64
-        let length: UInt64
-    }
-
     public init(options: MirrorOptions, source: any BlockDevice, target: any BlockDevice,
-                log: DirtyLog? = nil,
+                log: DirtyLog? = nil, clock: any JobClock = MonotonicClock(),
                 emit: @escaping @Sendable (JobEvent) -> Void,
                 lifecycle: @escaping @Sendable (Lifecycle) -> Void) throws(JobError) {
-        self.log = log
         try options.validate()
         self.id = options.jobID
         self.options = options
         self.source = source
         self.target = target
         self.size = source.size
-        self.startedAt = monotonicNow()
-        let granularity = options.granularity
-        let opBytes = max(options.bufSize / UInt64(Self.maxInFlight), Self.maxIOBytes)
-        self.maxRunBytes = max(opBytes / granularity * granularity, granularity)
-        self.copyModeValue = Atomic(options.copyMode == .background ? 0 : 1)
-        self.state = State(dirty: ChunkBitmap(size: source.size, granularity: granularity),
-                           inFlight: ChunkBitmap(size: source.size, granularity: granularity),
-                           speed: options.speed)
+        self.log = log
+        self.clock = clock
+        let now = clock.now()
+        self.startedAt = now
+        self.state = ConditionLock(MirrorState(options: options, size: source.size, hasLog: log != nil, now: now))
         self.sink = emit
         self.lifecycle = lifecycle
     }
 
-    public var copyMode: CopyMode {
-        copyModeValue.load(ordering: .acquiring) == 0 ? .background : .writeBlocking
-    }
+    // MARK: - Locked sections
 
-    public var activelySynced: Bool { activelySyncedValue.load(ordering: .acquiring) }
-
-    // MARK: - State machine
-
-    /// Queues an event; it leaves after the lock is released (`deliverEvents`). Lock held.
-    func emit(_ event: JobEvent) {
-        state.outbox.append(event)
+    /// `body` under the lock, then a broadcast (someone may wait for the change) and the
+    /// delivery of the events it queued.
+    @discardableResult
+    func locked<R, E: Error>(_ body: (inout MirrorState) throws(E) -> R) throws(E) -> R {
+        defer {
+            state.broadcast()
+            deliverEvents()
+        }
+        return try state.withLock(body)
     }
 
     /// Hands queued events to the sink, in order. Lock not held.
     func deliverEvents() {
         delivery.withLock { _ in
-            let events: [JobEvent] = lock.withLock {
-                defer { state.outbox.removeAll() }
-                return state.outbox
+            let events: [JobEvent] = state.withLock { s in
+                defer { s.outbox.removeAll() }
+                return s.outbox
             }
             for event in events { sink(event) }
         }
     }
 
-    /// The lock around `body`, then delivery of what it emitted.
-    func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
-        defer { deliverEvents() }
-        return try lock.withLock(body)
-    }
-
-    /// Moves to `next` (QEMU's JobSTT) and emits JOB_STATUS_CHANGE when it differs. Lock held.
-    func transition(to next: JobStatus) {
-        let current = state.status
-        precondition(current.allowedNext.contains(next), "job transition \(current) → \(next) is not allowed")
-        state.status = next
-        if next != current { emit(JobEvent(.statusChange(id: id, status: next))) }
-        lock.broadcast()
-    }
-
-    /// The verb table check, with QEMU's message. Lock held.
-    func checkVerb(_ verb: JobVerb) throws(JobError) {
-        guard verb.allowedIn.contains(state.status) else {
-            throw JobError("Job '\(id)' in state '\(state.status.rawValue)' cannot accept command verb '\(verb.rawValue)'")
-        }
-    }
-
     // MARK: - Verbs
 
-    public func pause() throws(JobError) {
-        try lock.withLock { () throws(JobError) in
-            try checkVerb(.pause)
-            guard !state.userPaused else { throw JobError("Job is already paused") }
-            state.userPaused = true
-            lock.broadcast()
-        }
-    }
-
-    public func resume() throws(JobError) {
-        try lock.withLock { () throws(JobError) in
-            try checkVerb(.resume)
-            guard state.userPaused else { throw JobError("Can't resume a job that was not paused") }
-            state.userPaused = false
-            state.ioStatus = .ok
-            lock.broadcast()
-        }
-        target.retryNow()
-    }
-
+    public func pause() throws(JobError) { try apply(.pause) }
+    public func resume() throws(JobError) { try apply(.resume) }
     /// Cancel. Before the job was ready, every cancel is forced; after, a soft cancel
     /// converges like complete but keeps serving the source.
-    public func cancel(force: Bool) throws(JobError) {
-        try lock.withLock { () throws(JobError) in
-            try checkVerb(.cancel)
-            if state.userPaused && !force {
-                throw JobError("The block job for device '\(id)' is currently paused")
-            }
-            if force || !state.becameReady {
-                state.forceCancelled = true
-                state.userPaused = false
-            } else {
-                state.cancelRequested = true
-            }
-            lock.broadcast()
-        }
-    }
-
-    public func complete() throws(JobError) {
-        try lock.withLock { () throws(JobError) in
-            try checkVerb(.complete)
-            guard !state.cancelRequested && !state.forceCancelled else {
-                throw JobError("The active block job '\(id)' cannot be completed")
-            }
-            state.completeRequested = true
-            lock.broadcast()
-        }
-    }
-
-    public func setSpeed(_ speed: Int64) throws(JobError) {
-        try lock.withLock { () throws(JobError) in
-            try checkVerb(.setSpeed)
-            guard speed >= 0 else { throw JobError("Parameter 'speed' expects a non-negative value") }
-            state.speed = UInt64(speed)
-            lock.broadcast()
-        }
-    }
-
+    public func cancel(force: Bool) throws(JobError) { try apply(.cancel(force: force)) }
+    public func complete() throws(JobError) { try apply(.complete) }
+    public func setSpeed(_ speed: Int64) throws(JobError) { try apply(.setSpeed(speed)) }
     /// block-job-change: only background → write-blocking is a change.
-    public func change(copyMode newMode: CopyMode) throws(JobError) {
-        try lock.withLock { () throws(JobError) in
-            try checkVerb(.change)
-            let current = copyMode
-            if newMode == current { return }
-            guard newMode == .writeBlocking else {
-                throw JobError("Change to copy mode '\(newMode.rawValue)' is not implemented")
-            }
-            let (exchanged, original) = copyModeValue.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing)
-            guard exchanged else {
-                throw JobError("Expected current copy mode 'background', got '\(original == 0 ? "background" : "write-blocking")'")
-            }
-            lock.broadcast()
-        }
-    }
-
-    public func finalize() throws(JobError) {
-        try lock.withLock { () throws(JobError) in
-            try checkVerb(.finalize)
-            state.finalizeRequested = true
-            lock.broadcast()
-        }
-    }
-
-    public func dismiss() throws(JobError) {
-        try lock.withLock { () throws(JobError) in
-            try checkVerb(.dismiss)
-            state.dismissRequested = true
-            lock.broadcast()
-        }
-    }
+    public func change(copyMode: CopyMode) throws(JobError) { try apply(.change(copyMode)) }
+    public func finalize() throws(JobError) { try apply(.finalize) }
+    public func dismiss() throws(JobError) { try apply(.dismiss) }
 
     /// Stops the job at once, leaving its dirty log as it is: a mount that did not come
     /// up must not throw away the log it resumed.
-    public func abandon() {
-        lock.withLock { state.keepLog = true }
-        try? cancel(force: true)
+    public func abandon() { try? apply(.cancel(force: true, keepLog: true)) }
+
+    private func apply(_ request: VerbRequest) throws(JobError) {
+        let effect = try locked { (s) throws(JobError) in try s.apply(request) }
+        if effect == .retryTarget { target.retryNow() }
     }
 
     /// The mount ends: no new background copies; returns once those running are done,
     /// so nothing writes the target after the caller's last flush.
     public func stopForShutdown() {
-        lock.withLock {
-            state.shuttingDown = true
-            lock.broadcast()
-            while state.backgroundOps > 0 { lock.wait() }
-        }
+        locked { $0.shutDown() }
+        state.withLock(waiting: { s in s.backgroundOps > 0 ? .wait(timeout: nil) : .done(()) })
     }
 
     // MARK: - Queries
 
-    public var status: JobStatus { lock.withLock { state.status } }
+    public var status: JobStatus { state.withLock { $0.status } }
+    public var copyMode: CopyMode { state.withLock { $0.copyMode } }
+    public var activelySynced: Bool { state.withLock { $0.activelySynced } }
 
     public func info() -> BlockJobInfo {
-        lock.withLock {
-            let dirtyBytes = state.dirty.dirtyBytes
-            let remaining = state.status == .concluded || state.status == .null
-                ? 0 : dirtyBytes + state.bytesInFlight + state.activeBytesInFlight
-            return BlockJobInfo(
-                device: id, len: state.progressCurrent + remaining, offset: state.progressCurrent,
-                busy: state.busy, paused: state.userPaused || state.status == .paused || state.status == .standby,
-                speed: state.speed, ioStatus: state.ioStatus,
-                ready: state.status == .ready || state.status == .standby, status: state.status,
-                autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, error: state.error,
-                activelySynced: activelySynced, copyMode: copyMode, dirtyBytes: dirtyBytes,
-                resyncBytes: options.resyncBytes, resyncReason: options.resyncReason,
-                target: options.targetName, dirtyLog: log?.path,
-                elapsedSeconds: ((monotonicNow() - startedAt) * 10).rounded() / 10)
-        }
+        let now = clock.now()
+        return state.withLock { $0.info(elapsed: now - startedAt, dirtyLog: log?.path) }
     }
 
     public func jobInfo() -> JobInfo {
         let block = info()
         return JobInfo(id: id, status: block.status, currentProgress: block.offset, totalProgress: block.len, error: block.error)
+    }
+
+    /// Waits until `condition` holds for the job's state or `timeout` seconds pass; true
+    /// when it holds. Every change someone may wait for broadcasts, so this does not poll.
+    public func wait(timeout: Double, until condition: (BlockJobInfo) -> Bool) -> Bool {
+        let deadline = monotonicNow() + timeout
+        return state.withLock(waiting: { s in
+            if condition(s.info(elapsed: clock.now() - startedAt, dirtyLog: log?.path)) { return .done(true) }
+            let left = deadline - monotonicNow()
+            return left > 0 ? .wait(timeout: left) : .done(false)
+        })
     }
 }

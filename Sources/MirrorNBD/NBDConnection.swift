@@ -40,7 +40,7 @@ final class NBDConnection: @unchecked Sendable {
     let timeout: Double
 
     /// Guards `submitted`, `closing` and `retryRequested`.
-    private let lock = ConditionLock()
+    private let lock = ConditionLock<Void>()
     private var submitted: [Request] = []
     private var closing = false
     private var retryRequested = false

@@ -99,7 +99,7 @@ final class QMPConnection: Sendable {
     private let fd: Int32
     private let commands: QMPCommands
     private let onClose: @Sendable (QMPConnection) -> Void
-    private let outboxLock = ConditionLock()
+    private let outboxLock = ConditionLock<Void>()
     private struct Outbox {
         var messages: [[UInt8]] = []
         var bytes = 0

@@ -67,7 +67,7 @@ public struct JobSetup: Sendable {
     /// The daemon's log (a dirty log that breaks says so there).
     public let log: @Sendable (String) -> Void
     /// One start at a time: two clients starting at once cannot both pass the checks.
-    private let serial = ConditionLock()
+    private let serial = ConditionLock<Void>()
 
     public init(imageName: String, mountpoint: String, bufferPool: AlignedBufferPool,
                 log: @escaping @Sendable (String) -> Void = { _ in }) {

@@ -80,7 +80,11 @@ extension Mirrorfs {
             guard kill(pid, 0) == 0 || errno != ESRCH else { return false }
             guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
                   let close = stat.lastIndex(of: ")") else { return false }
-            return !stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
+            guard stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z") else { return true }
+            // A zombie leader whose other threads still exit (they hold the process's
+            // descriptors, and with them the image locks) is still running.
+            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task"))?.count ?? 0
+            return tasks > 1
         }
     }
 }

@@ -4,28 +4,36 @@ import Synchronization
 import SystemPackage
 import XCTest
 
-/// Collects a job's events so tests can wait for them.
+/// Collects a job's events so tests can wait for them (woken by each event, never polling).
 final class EventRecorder: Sendable {
-    private let events = Mutex<[JobEvent]>([])
+    private let events = ConditionLock<[JobEvent]>([])
     var all: [JobEvent] { events.withLock { $0 } }
-    func record(_ event: JobEvent) { events.withLock { $0.append(event) } }
+    func record(_ event: JobEvent) {
+        events.withLock { $0.append(event) }
+        events.broadcast()
+    }
 
-    func names() -> [String] {
-        all.map { e in
+    func names() -> [String] { Self.names(all) }
+
+    static func names(_ events: [JobEvent]) -> [String] {
+        events.map { e in
             if case let .statusChange(_, status) = e.kind { return "JSC " + status.rawValue }
             return e.name
         }
     }
 
+    /// Waits until `count` events named `name` were recorded.
     @discardableResult
-    func wait(for name: String, timeout: TimeInterval = 30, file: StaticString = #filePath, line: UInt = #line) -> Bool {
+    func wait(for name: String, count: Int = 1, timeout: TimeInterval = 30,
+              file: StaticString = #filePath, line: UInt = #line) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if names().contains(name) { return true }
-            usleep(2000)
-        }
-        XCTFail("no \(name) within \(timeout) s; saw \(names())", file: file, line: line)
-        return false
+        let seen = events.withLock(waiting: { events -> ConditionLock<[JobEvent]>.Decision<Bool> in
+            if Self.names(events).filter({ $0 == name }).count >= count { return .done(true) }
+            let left = deadline.timeIntervalSinceNow
+            return left > 0 ? .wait(timeout: left) : .done(false)
+        })
+        if !seen { XCTFail("no \(name) (×\(count)) within \(timeout) s; saw \(names())", file: file, line: line) }
+        return seen
     }
 }
 
@@ -106,17 +114,11 @@ final class MirrorJobTests: XCTestCase {
         recorder.wait(for: "BLOCK_JOB_READY")
         let (proceed, written) = heldWrite(through: filter, of: source, byte: 0x5e, at: 2 << 20)
         try job.change(copyMode: .writeBlocking)
-        // The job's loop runs every 0.1 s at most; it must not call this synced meanwhile.
-        let deadline = Date().addingTimeInterval(0.5)
-        while Date() < deadline {
-            XCTAssertFalse(job.activelySynced, "actively-synced while a write is not on the target")
-            usleep(5000)
-        }
+        // The job's loop looks every 0.1 s at least; it must not call this synced meanwhile.
+        XCTAssertFalse(job.wait(timeout: 0.5) { $0.activelySynced }, "actively-synced while a write is not on the target")
         proceed.signal()
         XCTAssertEqual(written.wait(timeout: .now() + 10), .success)
-        let synced = Date().addingTimeInterval(10)
-        while !job.activelySynced && Date() < synced { usleep(5000) }
-        XCTAssertTrue(job.activelySynced)
+        XCTAssertTrue(job.wait(timeout: 10) { $0.activelySynced })
         XCTAssertTrue(target.contents == source.contents, "the target differs")
         try job.cancel(force: false)
         recorder.wait(for: "JSC null")
@@ -138,13 +140,11 @@ final class MirrorJobTests: XCTestCase {
 
             let writers = RandomWriters(filter: filter, size: size, count: 6, seed: seed * 100,
                                         maxLength: 70_000, allocationChanges: true)
-            usleep(100_000)
+            XCTAssertTrue(writers.wait(forWrites: 200), "seed \(seed): the writers did not write")
             try job.change(copyMode: .writeBlocking)
             recorder.wait(for: "BLOCK_JOB_READY")
             // Writes keep coming while actively-synced must turn true.
-            let deadline = Date().addingTimeInterval(20)
-            while !job.activelySynced && Date() < deadline { usleep(1000) }
-            XCTAssertTrue(job.activelySynced, "seed \(seed): actively-synced never turned true")
+            XCTAssertTrue(job.wait(timeout: 20) { $0.activelySynced }, "seed \(seed): actively-synced never turned true")
             writers.stop()
             try job.complete()
             recorder.wait(for: "JSC null")
@@ -176,7 +176,7 @@ final class MirrorJobTests: XCTestCase {
             recorder.wait(for: "JSC null")
             let sourceAtEnd = source.contents
             let targetAtEnd = target.contents
-            usleep(100_000)
+            XCTAssertTrue(writers.wait(forWrites: writers.writes + 100), "seed \(seed): the writers stopped")
             writers.stop()
             XCTAssertEqual(source.contents, sourceAtEnd, "seed \(seed): the source changed after the pivot")
             XCTAssertNotEqual(target.contents, targetAtEnd, "seed \(seed): writes after the pivot reach the target")
@@ -264,10 +264,12 @@ final class MirrorJobTests: XCTestCase {
         XCTAssertFalse(job.activelySynced)
         // The image's user is not disturbed.
         XCTAssertEqual(try [UInt8](repeating: 9, count: 4096).withUnsafeBytes { try filter.write($0, at: 0, cache: .cached) }, 4096)
-        let retried = Date().addingTimeInterval(30)
-        while target.failWrites.withLock({ $0 != nil }) && Date() < retried { try? job.resume(); usleep(20_000) }
+        // Each stop is resumed until the failing writes are used up and the job is ready.
+        for _ in 0..<5 where !recorder.names().contains("BLOCK_JOB_READY") {
+            XCTAssertTrue(job.wait(timeout: 30) { $0.ioStatus != .ok || $0.ready })
+            if job.info().ioStatus != .ok { try job.resume() }
+        }
         XCTAssertNil(target.failWrites.withLock { $0 }, "the job never retried the failed writes")
-        try? job.resume()
         recorder.wait(for: "BLOCK_JOB_READY")
         try job.complete()
         recorder.wait(for: "JSC null")
@@ -286,9 +288,7 @@ final class MirrorJobTests: XCTestCase {
         options.onTargetError = .stop
         let job = try filter.startMirror(to: target, options: options)
         recorder.wait(for: "BLOCK_JOB_READY")
-        let synced = Date().addingTimeInterval(30)
-        while !job.activelySynced && Date() < synced { usleep(2000) }
-        XCTAssertTrue(job.activelySynced, "never actively synced")
+        XCTAssertTrue(job.wait(timeout: 30) { $0.activelySynced }, "never actively synced")
         target.failWrites.withLock { $0 = (.ioError, 1) }
         XCTAssertEqual(try [UInt8](repeating: 1, count: 4096).withUnsafeBytes { try filter.write($0, at: 0, cache: .cached) }, 4096)
         XCTAssertEqual(job.info().ioStatus, .failed)
@@ -299,9 +299,7 @@ final class MirrorJobTests: XCTestCase {
         XCTAssertGreaterThan(job.info().dirtyBytes, 0)
         XCTAssertFalse(job.activelySynced)
         try job.resume()
-        let deadline = Date().addingTimeInterval(30)
-        while !job.activelySynced && Date() < deadline { usleep(2000) }
-        XCTAssertTrue(job.activelySynced)
+        XCTAssertTrue(job.wait(timeout: 30) { $0.activelySynced })
         XCTAssertTrue(target.contents == source.contents, "the target differs")
     }
 
@@ -335,6 +333,20 @@ final class MirrorJobTests: XCTestCase {
 final class RandomWriters: Sendable {
     private let running = Atomic<Bool>(true)
     private let group = DispatchGroup()
+    /// Writes done so far (woken at each).
+    private let written = ConditionLock<Int>(0)
+
+    var writes: Int { written.withLock { $0 } }
+
+    /// Waits until `count` writes were done; false after 30 s.
+    func wait(forWrites count: Int) -> Bool {
+        let deadline = Date().addingTimeInterval(30)
+        return written.withLock(waiting: { n in
+            if n >= count { return .done(true) }
+            let left = deadline.timeIntervalSinceNow
+            return left > 0 ? .wait(timeout: left) : .done(false)
+        })
+    }
 
     init(filter: MirrorFilter, size: UInt64, count: Int, seed: UInt64, maxLength: Int, allocationChanges: Bool = false) {
         for w in 0..<count {
@@ -350,6 +362,8 @@ final class RandomWriters: Sendable {
                     case 1: try? filter.changeAllocation(.zeroRange, at: offset, length: UInt64(length), keepSize: true)
                     default: _ = try? data.withUnsafeBytes { try filter.write($0, at: offset, cache: .cached) }
                     }
+                    written.withLock { $0 += 1 }
+                    written.broadcast()
                 }
                 group.leave()
             }.start()
