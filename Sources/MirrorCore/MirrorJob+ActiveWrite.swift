@@ -187,7 +187,8 @@ extension MirrorJob {
         }
 
         log?.finished(offset: offset, length: length)
-        locked { $0.activeWriteSettle(op, targetFailure: targetFailure, now: clock.now()) }
+        let now = clock.now()
+        locked { $0.activeWriteSettle(op, targetFailure: targetFailure, now: now) }
         if let sourceFailure { throw sourceFailure }
         return .done
     }
@@ -196,9 +197,10 @@ extension MirrorJob {
     /// mirrored, its chunks claimed. Nil when the job let go meanwhile.
     private func activeWritePrepare(offset: UInt64, length: UInt64) -> MirrorOp? {
         var admitted: MirrorOp?
+        let now = clock.now()
         return state.withLock(waiting: { s -> ConditionLock<MirrorState>.Decision<MirrorOp?> in
             if admitted == nil {
-                switch s.admitWrite(offset: offset, length: length, now: clock.now()) {
+                switch s.admitWrite(offset: offset, length: length, now: now) {
                 case .held: return .wait(timeout: nil)
                 case .detached: return .done(nil)
                 case .admitted(let op): admitted = op
@@ -216,7 +218,8 @@ extension MirrorJob {
         let now = clock.now()
         guard state.withLock({ $0.copyMode == .writeBlocking && $0.targetUsable(now: now) }) else { return }
         if let failure = Result(catching: { () throws(Errno) in try target.flush(dataOnly: true) }).failure {
-            locked { $0.errorAction(isRead: false, error: failure, now: clock.now()) }
+            let now = clock.now()
+            locked { $0.errorAction(isRead: false, error: failure, now: now) }
         }
     }
 }

@@ -36,7 +36,8 @@ extension MirrorJob {
         defer { buffer.deallocate() }
         while let operation = state.withLock(waiting: { $0.nextCopy() }) {
             let failure = perform(operation, buffer: buffer)
-            locked { $0.copyDone(operation, failure: failure, now: clock.now()) }
+            let now = clock.now()
+            locked { $0.copyDone(operation, failure: failure, now: now) }
         }
     }
 

@@ -27,7 +27,8 @@ extension MirrorState {
     mutating func continueConvergence(_ stage: Convergence) -> LoopStep? {
         // Once the completion is durable the source is stale: the job must pivot.
         if stage == .recorded { return .exit(.converged) }
-        guard error == nil, pendingExit == .complete || pendingExit == .cancel, !userPaused, !shuttingDown else {
+        // (A pause asked for meanwhile takes effect if the convergence does not end the job.)
+        guard error == nil, pendingExit == .complete || pendingExit == .cancel, !shuttingDown else {
             abandonConvergence()
             return nil
         }
@@ -152,6 +153,7 @@ extension MirrorJob {
         locked { $0.conclude(ending) }
         state.withLock(waiting: { s in s.awaiting == .dismiss ? .wait(timeout: nil) : .done(()) })
         state.withLock { $0.transition(to: .null) }
+        state.broadcast()
         // Gone from queries before the `null` event leaves, as in QEMU.
         lifecycle(.dismissed)
         deliverEvents()
@@ -173,6 +175,7 @@ extension MirrorJob {
         // The header may or may not say `completed` now: the log goes, so no restart is
         // sent to a target that never became the image.
         if let failure { log.breakLog(failure) }
-        locked { $0.completionRecorded(error: failure, now: clock.now()) }
+        let now = clock.now()
+        locked { $0.completionRecorded(error: failure, now: now) }
     }
 }

@@ -37,17 +37,19 @@ extension MirrorState {
         if let paused = pausePoint() { return paused }
         if let error { return .exit(.failed(error)) }
         if pendingExit?.isForced == true { return .exit(.cancelled) }
+        // After an ignored error nothing touches the target before the back-off ends.
+        let backingOff = now < retryAt
 
         let dirtyBytes = dirty.dirtyBytes
         progressRemaining = dirtyBytes + bytesInFlight + activeBytesInFlight
         busy = true
         var rateDelay: Double = 0
-        if ioStatus == .ok && dirtyBytes > 0 && backgroundOps < Self.maxInFlight && now >= retryAt && !shuttingDown {
+        if ioStatus == .ok && dirtyBytes > 0 && backgroundOps < Self.maxInFlight && !backingOff && !shuttingDown {
             rateDelay = synced ? 0 : rateLimitDelay(now: now)
             if rateDelay == 0 && iterate() { return .wakeCopiers }
         }
 
-        if backgroundOps == 0 && dirty.dirtyChunks == 0 {
+        if backgroundOps == 0 && dirty.dirtyChunks == 0 && !backingOff {
             // Ready once everything was copied and the target flushed (mirror_flush).
             if !synced { return .flushTarget(.ready) }
             if !activelySynced && copyMode == .writeBlocking && activeBytesInFlight == 0 && unmirroredWrites == 0
@@ -73,11 +75,12 @@ extension MirrorState {
     }
 
     /// A user pause or an error stop takes effect once background I/O is done:
-    /// running → paused / ready → standby, until resumed (a forced cancel resumes too).
-    /// Nil when the job is not paused (any more).
+    /// running → paused / ready → standby, until resumed. A forced cancel ends the pause
+    /// (even one an error stop asked for after it), and a fatal error that came before the
+    /// pause took effect ends the job instead. Nil when the job is not paused (any more).
     mutating func pausePoint() -> LoopStep? {
         let paused = status == .paused || status == .standby
-        if !userPaused {
+        if !userPaused || pendingExit?.isForced == true || (error != nil && !paused) {
             if paused { transition(to: status == .standby ? .ready : .running) }
             return nil
         }
@@ -195,6 +198,8 @@ extension MirrorJob {
                 let now = clock.now()
                 let step = s.step(now: now)
                 guard case .wait(let until) = step else { return .done(step) }
+                // Queued events leave before the job waits.
+                if !s.outbox.isEmpty { return .done(.publish) }
                 // Never longer than a slice: a manual clock's time moves without a broadcast.
                 return .wait(timeout: min(until.map { $0 - now } ?? .infinity, MirrorState.sliceTime))
             })
@@ -205,7 +210,8 @@ extension MirrorJob {
                 continue
             case .flushTarget(let purpose):
                 let failure = Result { () throws(Errno) in try target.flush(dataOnly: false) }.failure
-                locked { $0.targetFlushed(purpose, error: failure, now: clock.now()) }
+                let now = clock.now()
+                locked { $0.targetFlushed(purpose, error: failure, now: now) }
             case .recordCompletion:
                 recordCompletion()
             case .sweepLog:

@@ -161,7 +161,8 @@ struct MirrorState: Sendable {
             // Before ready every cancel is forced; after, a soft cancel converges like
             // complete but keeps serving the source.
             if force || !synced {
-                pendingExit = .forceCancel(keepLog: keepLog)
+                // Once asked to keep the log (a mount that did not come up), it stays kept.
+                pendingExit = .forceCancel(keepLog: keepLog || pendingExit == .forceCancel(keepLog: true))
                 userPaused = false
             } else if pendingExit == nil {
                 // (After complete, a soft cancel changes nothing: the job still pivots.)

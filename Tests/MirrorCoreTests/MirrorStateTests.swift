@@ -450,7 +450,6 @@ struct MirrorStateTests {
 
     @Test(arguments: [
         ConvergeCase("new dirt after the drain", { $0.markDirty(offset: 0, length: 1) }),
-        ConvergeCase("a pause", { $0.userPaused = true }),
         ConvergeCase("the mount ends", { $0.shuttingDown = true }),
         ConvergeCase("a forced cancel", { $0.pendingExit = .forceCancel(keepLog: false) }),
     ])
@@ -464,6 +463,55 @@ struct MirrorStateTests {
         let step = s.step(now: 0)
         #expect(s.writeGate == .open && s.convergence == nil, "\(c.name)")
         #expect(step != .flushTarget(.completion), "\(c.name)")
+    }
+
+    /// Should finish a convergence under way despite a pause asked for meanwhile (the pause
+    /// takes effect only if the job goes on).
+    @Test func aPauseDoesNotStopAConvergenceUnderWay() throws {
+        var s = Self.readyState()
+        s.filterWrites = 1
+        _ = try s.apply(.complete)
+        #expect(s.step(now: 0) == .wait(until: nil))
+        _ = try s.apply(.pause)
+        s.filterWrites = 0
+        #expect(s.step(now: 0) == .flushTarget(.completion))
+        s.targetFlushed(.completion, error: nil, now: 0)
+        #expect(s.step(now: 0) == .exit(.converged))
+    }
+
+    /// Should end a job asked to force-cancel even when an error stop paused it again
+    /// before the loop looked, and fail a job whose fatal error came before its pause took
+    /// effect.
+    @Test func aForcedCancelOrAnEarlierErrorIsNotHeldByAPause() throws {
+        var s = Self.state { $0.onTargetError = .stop }
+        _ = try s.apply(.cancel(force: true))
+        s.errorAction(isRead: false, error: .noSpace, now: 0)  // a copy that was in flight
+        #expect(s.userPaused)
+        #expect(s.step(now: 0) == .exit(.cancelled))
+
+        var t = Self.state()
+        t.backgroundOps = 1
+        _ = try t.apply(.pause)
+        t.error = "Input/output error"
+        #expect(t.step(now: 0) == .exit(.failed("Input/output error")))
+        #expect(t.status == .running)
+    }
+
+    /// Should not flush for ready (or converge) while backing off after an ignored error.
+    @Test func theBackOffHoldsTheReadyFlush() {
+        var s = Self.state { $0.onTargetError = .ignore }
+        s.errorAction(isRead: false, error: .ioError, now: 0)
+        s.outbox.removeAll()
+        #expect(s.step(now: 0.01) == .wait(until: 0.05))
+        #expect(s.step(now: 0.05) == .flushTarget(.ready))
+    }
+
+    /// Should keep the log once asked to, whatever cancel follows.
+    @Test func keepingTheLogSticks() throws {
+        var s = Self.state()
+        _ = try s.apply(.cancel(force: true, keepLog: true))
+        _ = try s.apply(.cancel(force: true))
+        #expect(s.pendingExit == .forceCancel(keepLog: true))
     }
 
     /// Should not pivot when the flush or the completion record fails: the error policy decides.
