@@ -22,7 +22,7 @@ final class CrashTests: XCTestCase {
         var mount: Mount? = try Mount(source: source, at: mnt, extra: ["--target", target])
         waitForJob(mnt, containing: #""ready": true"#)
         // Two whole sweep intervals (5 s each) without writes clear every region.
-        usleep(11_500_000)
+        XCTAssertTrue(waitForCleanLog(target + ".dirtylog"), "the sweeps never cleared the log")
         try check("qemu-io", ["-f", "raw", "-c", "write -P 0x21 300M 1M", mount!.image])
         mount!.stop(signal: SIGKILL)
         mount = nil
@@ -32,6 +32,17 @@ final class CrashTests: XCTestCase {
         XCTAssertEqual(restarted.stop(), 0)
         let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target])
         XCTAssertEqual(compare.status, 0)
+    }
+
+    /// Waits until the dirty log at `path` marks no region; false after `timeout`.
+    private func waitForCleanLog(_ path: String, timeout: TimeInterval = 40) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        repeat {
+            if let data = FileManager.default.contents(atPath: path), data.count > 4096,  // the header; one bit per region follows
+               data[4096...].allSatisfy({ $0 == 0 }) { return true }
+            usleep(200_000)
+        } while Date() < deadline
+        return false
     }
 
     /// A log that cannot vouch for the target (corrupted here) means a full resync.

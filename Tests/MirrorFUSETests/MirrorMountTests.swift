@@ -140,7 +140,11 @@ final class MirrorMountTests: XCTestCase {
             usleep(3_000_000)
             let end = (Date(), job(mount)?["offset"] as? Int ?? 0)
             let rate = Double(end.1 - start.1) / end.0.timeIntervalSince(start.0)
-            XCTAssertEqual(rate, Double(limit), accuracy: Double(limit) * 0.2, "limit \(limit): measured \(Int(rate)) B/s")
+            // Never faster than the limit (one 100 ms slice of burst, one copy at each edge of
+            // the window); slower only as far as a loaded machine makes it. The limiter's
+            // arithmetic is tested exactly in MirrorStateTests with a manual clock.
+            XCTAssertLessThanOrEqual(rate, Double(limit) * 1.2, "limit \(limit): measured \(Int(rate)) B/s")
+            XCTAssertGreaterThanOrEqual(rate, Double(limit) * 0.5, "limit \(limit): measured \(Int(rate)) B/s")
         }
         try check(mirrorfsBinary, ["job", "cancel", mount.mountpoint, "--force"])
         XCTAssertEqual(mount.stop(), 0)
