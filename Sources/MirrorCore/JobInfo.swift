@@ -20,6 +20,8 @@ public struct BlockJobInfo: Sendable, Equatable {
     // Members beyond QEMU's:
     public var copyMode: CopyMode
     public var dirtyBytes: UInt64
+    /// SPEC 10's forecast: `dirty-rate`, `copy-rate`, `converging`, `eta-seconds`.
+    public var forecast = JobForecast(dirtyRate: 0, copyRate: 0, converging: false, etaSeconds: nil)
     public var resyncBytes: UInt64?
     public var resyncReason: String?
     public var target: String?
@@ -40,7 +42,10 @@ extension BlockJobInfo {
         ]
         if let error { members.append(("error", .string(error))) }
         members += [("actively-synced", .bool(activelySynced)), ("copy-mode", .string(copyMode.rawValue)),
-                    ("dirty-bytes", .int(Int64(dirtyBytes)))]
+                    ("dirty-bytes", .int(Int64(dirtyBytes))),
+                    ("dirty-rate", .int(Int64(forecast.dirtyRate.rounded()))), ("copy-rate", .int(Int64(forecast.copyRate.rounded()))),
+                    ("eta-seconds", forecast.etaSeconds.map { .double(($0 * 10).rounded() / 10) } ?? .null),
+                    ("converging", .bool(forecast.converging))]
         if let resyncBytes { members.append(("resync-bytes", .int(Int64(resyncBytes)))) }
         if let resyncReason { members.append(("resync-reason", .string(resyncReason))) }
         members.append(("elapsed-seconds", .double(elapsedSeconds)))
@@ -83,6 +88,9 @@ public struct JobEvent: Sendable, Equatable {
         case cancelled(device: String, len: UInt64, offset: UInt64, speed: UInt64)
         case error(device: String, operation: String, action: ErrorPolicy)
         case pending(id: String)
+        /// `--auto-write-blocking` switched a job that did not converge (a downstream
+        /// extension event, named by QEMU's rule for them).
+        case autoWriteBlocking(device: String, seconds: Double, dirtyRate: UInt64, copyRate: UInt64)
     }
 
     public let kind: Kind
@@ -104,6 +112,7 @@ public struct JobEvent: Sendable, Equatable {
         case .cancelled: "BLOCK_JOB_CANCELLED"
         case .error: "BLOCK_JOB_ERROR"
         case .pending: "BLOCK_JOB_PENDING"
+        case .autoWriteBlocking: QAPIExtension.prefix + "BLOCK_JOB_AUTO_WRITE_BLOCKING"
         }
     }
 
@@ -126,6 +135,10 @@ public struct JobEvent: Sendable, Equatable {
             return .object([("device", .string(device)), ("operation", .string(operation)), ("action", .string(action.rawValue))])
         case let .pending(id):
             return .object([("type", "mirror"), ("id", .string(id))])
+        case let .autoWriteBlocking(device, seconds, dirtyRate, copyRate):
+            return .object([("type", "mirror"), ("device", .string(device)), ("copy-mode", "write-blocking"),
+                            ("not-converging-seconds", .double(seconds)), ("dirty-rate", .int(Int64(dirtyRate))),
+                            ("copy-rate", .int(Int64(copyRate)))])
         }
     }
 

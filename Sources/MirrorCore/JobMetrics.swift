@@ -37,6 +37,13 @@ public enum JobMetrics {
         gauge("dirty_bytes", "Bytes marked dirty and not yet copied.", Double(job.dirtyBytes))
         gauge("speed_limit_bytes_per_second", "Background copy limit (0: none).", Double(job.speed))
         gauge("elapsed_seconds", "Seconds since the job started.", job.elapsedSeconds)
+        gauge("dirty_rate_bytes_per_second", "User writes that dirtied clean regions, over the last 10 s.", job.forecast.dirtyRate.rounded())
+        gauge("copy_rate_bytes_per_second", "Bytes written to the target, over the last 10 s.", job.forecast.copyRate.rounded())
+        gauge("converging", "Whether the copy gains on the writes (what is left shrinks).", flag(job.forecast.converging))
+        // No sample while not converging: there is no time to forecast.
+        if let eta = job.forecast.etaSeconds {
+            gauge("eta_seconds", "Forecast seconds until nothing is left to copy.", (eta * 10).rounded() / 10)
+        }
         gauge("ready", "Whether the job is ready (source and target converged).", flag(job.ready))
         gauge("actively_synced", "Whether every write reaches the target before it is acknowledged.", flag(job.activelySynced))
         gauge("paused", "Whether the job is paused.", flag(job.paused))

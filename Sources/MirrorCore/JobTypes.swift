@@ -1,5 +1,10 @@
 /// QAPI enums of a mirror job, with QEMU's wire names.
 
+/// QEMU's rule for downstream extensions: names start with `__RFQDN_`.
+public enum QAPIExtension {
+    public static let prefix = "__org.mirrorfs_"
+}
+
 /// MirrorCopyMode.
 public enum CopyMode: String, Sendable, CaseIterable {
     case background
@@ -95,6 +100,10 @@ public struct MirrorOptions: Sendable {
     public var resyncReason: String?
     /// The target as given (path or URI), reported as `target`.
     public var targetName: String?
+    /// `--auto-write-blocking`: seconds a background job may go without converging before
+    /// it switches itself to write-blocking (nil: never).
+    public var autoWriteBlockingAfter: Double?
+    public static let defaultAutoWriteBlockingAfter: Double = 10
 
     public init(jobID: String) { self.jobID = jobID }
 

@@ -109,16 +109,16 @@ extension MirrorState {
     /// write may have changed part of it, a short write before ENOSPC: the copier brings
     /// over whatever the source now holds). Mirrored: which part goes to the target now
     /// (do_sync_target_write's head/tail rule); fully covered chunks become clean.
-    mutating func sourceWritten(_ op: inout MirrorOp, succeeded: Bool) {
+    mutating func sourceWritten(_ op: inout MirrorOp, succeeded: Bool, now: Double) {
         guard op.mirrored else {
             activelySynced = false
-            dirty.set(op.chunks)
+            userDirtied(op.chunks, now: now)
             unmirroredWrites -= 1
             return
         }
         guard succeeded else {
             activelySynced = false
-            dirty.set(op.chunks)
+            userDirtied(op.chunks, now: now)
             return
         }
         let granularity = options.granularity
@@ -147,6 +147,7 @@ extension MirrorState {
                 errorAction(isRead: false, error: targetFailure, now: now)
             } else {
                 progressCurrent += part.upperBound - part.lowerBound
+                copyWindow.add(part.upperBound - part.lowerBound, now: now)
             }
         }
         if op.claimed { inFlight.clear(op.chunks) }
@@ -174,7 +175,8 @@ extension MirrorJob {
         let sourceFailure = Result { () throws(Errno) in
             try write.apply(to: source, at: offset, skip: 0, length: length, cache: cache)
         }.failure
-        state.withLock { $0.sourceWritten(&op, succeeded: sourceFailure == nil) }
+        let written = clock.now()
+        state.withLock { $0.sourceWritten(&op, succeeded: sourceFailure == nil, now: written) }
         if !op.mirrored { state.broadcast() }  // actively-synced may wait for this write
 
         // do_sync_target_write

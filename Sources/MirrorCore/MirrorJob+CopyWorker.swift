@@ -25,6 +25,7 @@ extension MirrorState {
             errorAction(isRead: failure.isRead, error: failure.error, now: now)
         } else {
             progressCurrent += op.length
+            copyWindow.add(op.length, now: now)
             retryBackoff = 0.05
         }
     }

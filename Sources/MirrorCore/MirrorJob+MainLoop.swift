@@ -37,6 +37,7 @@ extension MirrorState {
         if let paused = pausePoint() { return paused }
         if let error { return .exit(.failed(error)) }
         if pendingExit?.isForced == true { return .exit(.cancelled) }
+        autoWriteBlocking(now: now)
         // After an ignored error nothing touches the target before the back-off ends.
         let backingOff = now < retryAt
 

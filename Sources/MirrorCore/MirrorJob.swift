@@ -20,8 +20,6 @@ public final class MirrorJob: Sendable {
     /// The persistent dirty log, when the job has one.
     let log: DirtyLog?
     let clock: any JobClock
-    /// When the job was created, on `clock`: job.json's `elapsed-seconds`.
-    let startedAt: Double
 
     /// Everything that changes. Broadcast after a change someone may wait for.
     let state: ConditionLock<MirrorState>
@@ -57,9 +55,7 @@ public final class MirrorJob: Sendable {
         self.size = source.size
         self.log = log
         self.clock = clock
-        let now = clock.now()
-        self.startedAt = now
-        self.state = ConditionLock(MirrorState(options: options, size: source.size, hasLog: log != nil, now: now))
+        self.state = ConditionLock(MirrorState(options: options, size: source.size, hasLog: log != nil, now: clock.now()))
         self.sink = emit
         self.lifecycle = lifecycle
     }
@@ -126,7 +122,7 @@ public final class MirrorJob: Sendable {
 
     public func info() -> BlockJobInfo {
         let now = clock.now()
-        return state.withLock { $0.info(elapsed: now - startedAt, dirtyLog: log?.path) }
+        return state.withLock { $0.info(now: now, dirtyLog: log?.path) }
     }
 
     public func jobInfo() -> JobInfo {
@@ -139,7 +135,7 @@ public final class MirrorJob: Sendable {
     public func wait(timeout: Double, until condition: (BlockJobInfo) -> Bool) -> Bool {
         let deadline = monotonicNow() + timeout
         return state.withLock(waiting: { s in
-            if condition(s.info(elapsed: clock.now() - startedAt, dirtyLog: log?.path)) { return .done(true) }
+            if condition(s.info(now: clock.now(), dirtyLog: log?.path)) { return .done(true) }
             let left = deadline - monotonicNow()
             return left > 0 ? .wait(timeout: left) : .done(false)
         })

@@ -102,6 +102,16 @@ struct MirrorState: Sendable {
     var retryAt: Double = 0
     var retryBackoff: Double = 0.05
 
+    // MARK: Forecast (SPEC 10)
+
+    /// When the job was created.
+    let createdAt: Double
+    /// User writes that dirtied clean chunks, and bytes written to the target.
+    var dirtyWindow = RateWindow()
+    var copyWindow = RateWindow()
+    /// Since when a background job with `--auto-write-blocking` has not converged.
+    var notConvergingSince: Double?
+
     /// Events queued under the lock, delivered after it is released.
     var outbox: [JobEvent] = []
 
@@ -119,6 +129,7 @@ struct MirrorState: Sendable {
         inFlight = ChunkBitmap(size: size, granularity: granularity)
         allowanceTime = now
         lastSweep = now
+        createdAt = now
     }
 
     // MARK: - Transitions
@@ -138,6 +149,13 @@ struct MirrorState: Sendable {
     /// Marks a byte range dirty (the start's scan, a resumed log).
     mutating func markDirty(offset: UInt64, length: UInt64) {
         dirty.set(dirty.chunks(covering: offset, length: length))
+    }
+
+    /// A user's write dirtied `chunks`: those that were clean count in the dirty rate.
+    mutating func userDirtied(_ chunks: Range<Int>, now: Double) {
+        let before = dirty.dirtyChunks
+        dirty.set(chunks)
+        dirtyWindow.add(UInt64(dirty.dirtyChunks - before) * options.granularity, now: now)
     }
 
     // MARK: - Verbs (QEMU's JobVerbTable, then each verb's own checks)
@@ -229,7 +247,8 @@ struct MirrorState: Sendable {
 
     // MARK: - Queries
 
-    func info(elapsed: Double, dirtyLog: String?) -> BlockJobInfo {
+    func info(now: Double, dirtyLog: String?) -> BlockJobInfo {
+        let elapsed = now - createdAt
         let dirtyBytes = dirty.dirtyBytes
         let remaining = status == .concluded || status == .null
             ? 0 : dirtyBytes + bytesInFlight + activeBytesInFlight
@@ -239,7 +258,7 @@ struct MirrorState: Sendable {
             speed: speed, ioStatus: ioStatus,
             ready: status == .ready || status == .standby, status: status,
             autoFinalize: options.autoFinalize, autoDismiss: options.autoDismiss, error: error,
-            activelySynced: activelySynced, copyMode: copyMode, dirtyBytes: dirtyBytes,
+            activelySynced: activelySynced, copyMode: copyMode, dirtyBytes: dirtyBytes, forecast: forecast(now: now),
             resyncBytes: options.resyncBytes, resyncReason: options.resyncReason,
             target: options.targetName, dirtyLog: dirtyLog,
             elapsedSeconds: (elapsed * 10).rounded() / 10)

@@ -66,7 +66,7 @@ public final class QMPCommands: Sendable {
     /// The daemon's log.
     private let log: @Sendable (String) -> Void
     /// QEMU's rule for downstream extensions: `__RFQDN_name`.
-    public static let extensionPrefix = "__org.mirrorfs_"
+    public static let extensionPrefix = QAPIExtension.prefix
 
     private struct Command {
         let parameters: [Parameter]
@@ -126,7 +126,7 @@ public final class QMPCommands: Sendable {
                 .opt("on-target-error", errorPolicy), .opt("unmap", .bool),
                 .opt("copy-mode", .enumeration(["background", "write-blocking"])),
                 .opt("auto-finalize", .bool), .opt("auto-dismiss", .bool),
-                .opt(ext + "state-dir", .string),
+                .opt(ext + "state-dir", .string), .opt(ext + "auto-write-blocking", .int),
             ]) { c, a throws(QMPError) in try c.driveMirror(a) },
             // A failed job's log, kept marking writes, is dropped (the CLI's `job cancel` then).
             ext + "discard-dirty-log": Command(parameters: []) { c, _ throws(QMPError) in
@@ -397,6 +397,11 @@ public final class QMPCommands: Sendable {
         options.copyMode = a.string("copy-mode") == "write-blocking" ? .writeBlocking : .background
         options.autoFinalize = a.bool("auto-finalize") ?? true
         options.autoDismiss = a.bool("auto-dismiss") ?? true
+        // Seconds a background job may go without converging before it switches itself to write-blocking.
+        if let after = a.int(Self.extensionPrefix + "auto-write-blocking") {
+            guard after > 0 else { throw .generic("Parameter '\(Self.extensionPrefix)auto-write-blocking' expects a number of seconds above 0") }
+            options.autoWriteBlockingAfter = Double(after)
+        }
         let mode: JobRequest.TargetMode = a.string("mode") == "existing" ? .existing : .create
         let request = JobRequest(target: a.string("target")!, mode: mode, options: options,
                                  stateDirectory: .init(argument: a.string(Self.extensionPrefix + "state-dir")),

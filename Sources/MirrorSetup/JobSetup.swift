@@ -203,6 +203,7 @@ private struct Preparation {
             + "copy-mode \(options.copyMode.rawValue), granularity \(options.granularity), buf-size \(options.bufSize), "
             + "speed \(options.speed), on-source-error \(options.onSourceError.rawValue), "
             + "on-target-error \(options.onTargetError.rawValue), dirty log \(log?.path ?? "none")"
+        if let after = options.autoWriteBlockingAfter { text += ", auto-write-blocking after \(Int(after)) s without converging" }
         if let reason = options.resyncReason { text += "; \(reason)" }
         return text
     }

@@ -71,6 +71,9 @@ extension Mirrorfs.Job {
                 ("on-target-error", .string(options.onTargetError.rawValue)), ("copy-mode", .string(options.copyMode.rawValue)),
             ]
             if let id = job.jobID { arguments.insert(("job-id", .string(id)), at: 0) }
+            if let after = options.autoWriteBlockingAfter {
+                arguments.append((QMPCommands.extensionPrefix + "auto-write-blocking", .int(Int64(after))))
+            }
             if let stateDir = job.stateDir {
                 let value = stateDir == "none" ? stateDir : URL(fileURLWithPath: stateDir).standardizedFileURL.path
                 arguments.append((QMPCommands.extensionPrefix + "state-dir", .string(value)))

@@ -77,6 +77,10 @@ struct JobOptions: ParsableArguments {
     var onSourceError: ErrorPolicy?
     @Option(help: "What a target write error does: report (the job fails), ignore (retry later) or stop (pause) (default: report).")
     var onTargetError: ErrorPolicy?
+    @Flag(help: "A background job that does not converge (its copy does not gain on the writes) switches itself to write-blocking, so it reaches ready under any write load.")
+    var autoWriteBlocking = false
+    @Option(help: ArgumentHelp("Seconds without converging before --auto-write-blocking switches (implies it; default: 10).", valueName: "seconds"))
+    var autoWriteBlockingAfter: Int?
     @Option(help: "The job's id (default: the image's file name).")
     var jobID: String?
     @Option(help: "Directory for the persistent dirty log (default: the target's directory; 'none': no log).")
@@ -86,6 +90,7 @@ struct JobOptions: ParsableArguments {
     var hasJobSettings: Bool {
         copyMode != nil || sync != nil || granularity != nil || bufSize != nil || speed != nil
             || onSourceError != nil || onTargetError != nil || jobID != nil || stateDir != nil
+            || autoWriteBlocking || autoWriteBlockingAfter != nil
     }
 
     /// The job's options, checked with QEMU's rules and messages.
@@ -102,6 +107,12 @@ struct JobOptions: ParsableArguments {
         options.speed = speed?.bytes ?? 0
         options.onSourceError = onSourceError ?? .report
         options.onTargetError = onTargetError ?? .report
+        if let after = autoWriteBlockingAfter {
+            guard after > 0 else { throw CLIError("--auto-write-blocking-after: '\(after)' is not a number of seconds above 0") }
+            options.autoWriteBlockingAfter = Double(after)
+        } else if autoWriteBlocking {
+            options.autoWriteBlockingAfter = MirrorOptions.defaultAutoWriteBlockingAfter
+        }
         try rethrowing { () throws(JobError) in try options.validate() }
         return options
     }

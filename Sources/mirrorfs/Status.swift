@@ -8,7 +8,8 @@ extension Mirrorfs {
             abstract: "Show the mount's job in one line.",
             discussion: """
                 The line shows the job's state, progress, bytes copied / still to copy / the image's size, \
-                dirty bytes, the current and average copy rate, the time to go (h:mm:ss), the time since \
+                dirty bytes, the copy rate and the rate at which writes dirty clean regions (last 10 s), \
+                the forecast time to go (h:mm:ss, or 'not converging'), the time since \
                 the start, the speed limit and the target, and fits the terminal (COLUMNS): narrower \
                 terminals get a shorter form. --watch redraws it in place and ends with a line that says \
                 how the job ended.
@@ -25,14 +26,13 @@ extension Mirrorfs {
                 if json {
                     print(job?.compactText ?? "null")
                 } else if let job {
-                    print(StatusLine.render(job, imageSize: imageSize, rate: nil, width: StatusLine.width()))
+                    print(StatusLine.render(job, imageSize: imageSize, width: StatusLine.width()))
                 } else {
                     print(StatusLine.noJob(mountpoint: mountpoint))
                 }
                 return
             }
             let terminal = isatty(STDOUT_FILENO) == 1 && !json
-            var rate = RateSampler()
             var ending = JobEnding()
             var drew = false
             while true {
@@ -40,8 +40,7 @@ extension Mirrorfs {
                 if json {
                     print(job?.compactText ?? "null")
                 } else if let job {
-                    rate.add(job)
-                    let line = StatusLine.render(job, imageSize: imageSize, rate: rate.current, width: StatusLine.width())
+                    let line = StatusLine.render(job, imageSize: imageSize, width: StatusLine.width())
                     // On a terminal the line is redrawn in place; otherwise one line per update.
                     if terminal { print("\r\u{1B}[2K" + line, terminator: "") } else { print(line) }
                     drew = true
@@ -76,24 +75,6 @@ extension Mirrorfs {
                 }
             }
         }
-    }
-}
-
-/// The copy rate over the last few samples of `status --watch` (bytes/s).
-struct RateSampler {
-    private var samples: [(time: Double, offset: Int64)] = []
-
-    mutating func add(_ job: JSONValue) {
-        guard case .int(let offset)? = job["offset"] else { return }
-        let now = ProcessInfo.processInfo.systemUptime  // monotonic: a clock step changes no rate
-        if let last = samples.last, offset < last.offset { samples.removeAll() }  // a new job
-        samples.append((now, offset))
-        samples.removeAll { now - $0.time > 5 }
-    }
-
-    var current: Double? {
-        guard let first = samples.first, let last = samples.last, last.time - first.time >= 0.4 else { return nil }
-        return Double(last.offset - first.offset) / (last.time - first.time)
     }
 }
 
@@ -152,13 +133,12 @@ enum StatusLine {
         }
     }
 
-    static func render(_ job: JSONValue, imageSize: UInt64?, rate: Double?, width: Int) -> String {
+    static func render(_ job: JSONValue, imageSize: UInt64?, width: Int) -> String {
         func string(_ key: String) -> String { if case .string(let s)? = job[key] { return s }; return "?" }
         func int(_ key: String) -> Int64 { if case .int(let n)? = job[key] { return n }; return 0 }
         func bool(_ key: String) -> Bool { if case .bool(let b)? = job[key] { return b }; return false }
         let len = int("len"), offset = int("offset"), remaining = max(len - offset, 0)
         let elapsed: Double = { if case .double(let d)? = job["elapsed-seconds"] { return d }; return Double(int("elapsed-seconds")) }()
-        let average = elapsed > 0 ? Double(offset) / elapsed : nil
         let fraction = len > 0 ? min(Double(offset) / Double(len), 1) : 1
         let percent = "\(Int(fraction * 100))%"
         let ready = bool("ready")
@@ -179,12 +159,16 @@ enum StatusLine {
         parts.append(Part(3, "copied \(bytes(offset)) / to copy \(bytes(remaining))\(sizeText)",
                           "\(short(offset))/\(short(len))"))
         parts.append(Part(5, "dirty \(bytes(int("dirty-bytes")))", "dirty \(short(int("dirty-bytes")))"))
-        let speedRate = rate ?? average
-        parts.append(Part(2, "\(rate.map { bytes(Int64($0)) + "/s now" } ?? "-/s now"), \(average.map { bytes(Int64($0)) + "/s avg" } ?? "-/s avg")",
-                          speedRate.map { short(Int64($0)) + "/s" } ?? "-/s"))
-        // Ready: the status says it; the time to go is the convergence issue's forecast.
+        // The daemon's forecast (SPEC 10): rates over its last 10 s, and the time to go.
+        let copyRate = int("copy-rate"), dirtyRate = int("dirty-rate")
+        parts.append(Part(2, "copy \(bytes(copyRate))/s, dirty \(bytes(dirtyRate))/s", "\(short(copyRate))/s"))
         if !ready {
-            let eta = speedRate.flatMap { $0 > 0 ? duration(Double(remaining) / $0) : nil } ?? "-:--:--"
+            let eta: String
+            switch job["eta-seconds"] {
+            case .double(let seconds)?: eta = duration(seconds)
+            case .int(let seconds)?: eta = duration(Double(seconds))
+            default: eta = bool("converging") ? "-:--:--" : "not converging"
+            }
             parts.append(Part(1, "eta " + eta))
         }
         parts.append(Part(4, "elapsed \(duration(elapsed))", duration(elapsed)))

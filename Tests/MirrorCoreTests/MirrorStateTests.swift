@@ -249,7 +249,7 @@ struct MirrorStateTests {
         _ = try s.apply(.change(.writeBlocking))
         for _ in 0..<3 { _ = s.step(now: 0) }
         #expect(!s.activelySynced, "actively synced while a write is not on the target")
-        s.sourceWritten(&before, succeeded: true)
+        s.sourceWritten(&before, succeeded: true, now: 0)
         #expect(s.dirty.isDirty(0))
         s.activeWriteSettle(before, targetFailure: nil, now: 0)
         #expect(s.step(now: 0) == .wakeCopiers)
@@ -284,7 +284,7 @@ struct MirrorStateTests {
         }
         let claimed = s.claimChunks(&op)
         #expect(op.mirrored && claimed)
-        s.sourceWritten(&op, succeeded: true)
+        s.sourceWritten(&op, succeeded: true, now: 0)
         #expect(op.targetPart == c.part)
         // Chunks the target part covers whole are clean now; the others stay dirty.
         for chunk in c.dirtyChunks {
@@ -344,7 +344,7 @@ struct MirrorStateTests {
         #expect(s.filterWrites == 1)
         #expect(s.activelySynced == c.mirrored, "\(c.name): a write not mirrored clears actively-synced")
         if !op.mirrored {
-            s.sourceWritten(&op, succeeded: true)
+            s.sourceWritten(&op, succeeded: true, now: 0)
             #expect(s.dirty.isDirty(0) && s.unmirroredWrites == 0 && op.targetPart.isEmpty)
         }
     }
@@ -357,7 +357,7 @@ struct MirrorStateTests {
         guard case .admitted(var op) = s.admitWrite(offset: 0, length: 65536, now: 0) else { Issue.record("not admitted"); return }
         let claimed = s.claimChunks(&op)
         #expect(claimed)
-        s.sourceWritten(&op, succeeded: true)
+        s.sourceWritten(&op, succeeded: true, now: 0)
         s.activeWriteSettle(op, targetFailure: .ioError, now: 0)
         #expect(s.dirty.isDirty(0) && s.ioStatus == .failed && s.userPaused && !s.activelySynced)
         #expect(Self.names(s.outbox) == ["BLOCK_JOB_ERROR"])
@@ -367,7 +367,7 @@ struct MirrorStateTests {
         guard case .admitted(var failed) = t.admitWrite(offset: 100, length: 65536, now: 0) else { Issue.record("not admitted"); return }
         let claimedFailed = t.claimChunks(&failed)
         #expect(claimedFailed)
-        t.sourceWritten(&failed, succeeded: false)
+        t.sourceWritten(&failed, succeeded: false, now: 0)
         #expect(failed.targetPart.isEmpty && t.dirty.isDirty(0) && t.dirty.isDirty(1) && !t.activelySynced)
         t.activeWriteSettle(failed, targetFailure: nil, now: 0)
         #expect(t.outbox.isEmpty && t.error == nil && t.inFlight.dirtyChunks == 0)
@@ -403,6 +403,88 @@ struct MirrorStateTests {
         #expect(t.cleanRegions([0]) == [])
         t.inFlight.clear(0..<1)
         #expect(t.cleanRegions([0]) == [0])
+    }
+
+    // MARK: - Forecast (SPEC 10)
+
+    /// Should give the rate over the last 10 s, or over the job's life when it is younger.
+    @Test func rateWindow() {
+        var w = RateWindow()
+        w.add(1 << 20, now: 0.5)
+        #expect(w.rate(now: 1.0, since: 0) == Double(1 << 20))
+        #expect(w.rate(now: 20, since: 0) == 0, "bytes older than the window count")
+        var steady = RateWindow()
+        for second in 0..<16 { steady.add(1 << 20, now: Double(second) + 0.5) }
+        let rate = steady.rate(now: 15.9, since: 0)
+        #expect(abs(rate - Double(1 << 20)) < 0.1 * Double(1 << 20), "\(rate)")
+    }
+
+    /// Should count only the chunks a user's write turned from clean to dirty.
+    @Test func theDirtyRateCountsCleanChunksDirtied() {
+        var s = Self.state()
+        s.markDirty(offset: 0, length: 1)
+        s.userDirtied(0..<2, now: 0.5)
+        #expect(s.dirtyWindow.rate(now: 1, since: 0) == Double(Self.granularity))
+    }
+
+    /// Should forecast from what is left and the two rates: converging when the copy gains
+    /// on the writes by a margin, with the time to go; never while paused.
+    @Test(arguments: [
+        ForecastCase("copying, no writes", copied: 1 << 20, dirtied: 0, converging: true, eta: 2),
+        ForecastCase("copying, writes as fast", copied: 1 << 20, dirtied: 1 << 20, converging: false, eta: nil),
+        ForecastCase("copying, writes just slower (inside the margin)", copied: 1 << 20, dirtied: 1_020_000, converging: false, eta: nil),
+        ForecastCase("copying twice as fast as the writes", copied: 2 << 20, dirtied: 1 << 20, converging: true, eta: 2),
+        ForecastCase("nothing copied yet", copied: 0, dirtied: 0, converging: false, eta: nil),
+        ForecastCase("paused", copied: 1 << 20, dirtied: 0, paused: true, converging: false, eta: nil),
+        ForecastCase("nothing left", copied: 1 << 20, dirtied: 1 << 20, left: 0, converging: true, eta: 0),
+    ])
+    func forecast(_ c: ForecastCase) {
+        var s = Self.state()
+        if c.left > 0 { s.markDirty(offset: 0, length: c.left) }
+        s.copyWindow.add(c.copied, now: 0.5)
+        s.dirtyWindow.add(c.dirtied, now: 0.5)
+        s.userPaused = c.paused
+        let f = s.forecast(now: 1.0)
+        #expect(f.converging == c.converging, "\(c.name)")
+        #expect(f.etaSeconds == c.eta, "\(c.name)")
+        #expect(f.copyRate == Double(c.copied) && f.dirtyRate == Double(c.dirtied), "\(c.name)")
+        let info = s.info(now: 1.0, dirtyLog: nil)
+        #expect(info.forecast == f)
+    }
+
+    /// Should switch a background job that has not converged for the option's time to
+    /// write-blocking, once, with an event; never without the option, and never while paused.
+    @Test func autoWriteBlockingSwitchesAJobThatDoesNotConverge() throws {
+        var s = Self.state { $0.autoWriteBlockingAfter = 5 }
+        s.dirty.setAll()
+        s.dirtyWindow.add(8 << 20, now: 0.5)  // writes dirty faster than anything is copied
+        _ = s.step(now: 1)
+        #expect(s.notConvergingSince == 1)
+        _ = s.step(now: 5.9)
+        #expect(s.copyMode == .background)
+        _ = s.step(now: 6)
+        #expect(s.copyMode == .writeBlocking)
+        let event = s.outbox.first { $0.name == "__org.mirrorfs_BLOCK_JOB_AUTO_WRITE_BLOCKING" }
+        #expect(event?.data["copy-mode"] == .string("write-blocking"))
+        #expect(event?.data["device"] == .string("job0"))
+        // Converging meanwhile resets the clock.
+        var t = Self.state { $0.autoWriteBlockingAfter = 5 }
+        t.markDirty(offset: 0, length: 1 << 20)
+        _ = t.step(now: 1)
+        t.copyWindow.add(64 << 20, now: 2.5)
+        _ = t.step(now: 3)
+        #expect(t.notConvergingSince == nil)
+        // Without the option, or paused: never.
+        var u = Self.state()
+        u.dirty.setAll()
+        u.dirtyWindow.add(8 << 20, now: 0.5)
+        for now in stride(from: 1.0, through: 30, by: 1) { _ = u.step(now: now) }
+        #expect(u.copyMode == .background)
+        var v = Self.state { $0.autoWriteBlockingAfter = 5 }
+        v.dirty.setAll()
+        _ = try v.apply(.pause)
+        for now in stride(from: 1.0, through: 30, by: 1) { _ = v.step(now: now) }
+        #expect(v.copyMode == .background)
     }
 
     // MARK: - Pause point
@@ -657,6 +739,22 @@ struct ConvergeCase: Sendable, CustomTestStringConvertible {
     let name: String
     let change: @Sendable (inout MirrorState) -> Void
     init(_ name: String, _ change: @escaping @Sendable (inout MirrorState) -> Void) { self.name = name; self.change = change }
+    var testDescription: String { name }
+}
+
+struct ForecastCase: Sendable, CustomTestStringConvertible {
+    let name: String
+    let copied: UInt64
+    let dirtied: UInt64
+    var paused = false
+    var left: UInt64 = 2 << 20
+    let converging: Bool
+    let eta: Double?
+    init(_ name: String, copied: UInt64, dirtied: UInt64, paused: Bool = false, left: UInt64 = 2 << 20,
+         converging: Bool, eta: Double?) {
+        self.name = name; self.copied = copied; self.dirtied = dirtied; self.paused = paused; self.left = left
+        self.converging = converging; self.eta = eta
+    }
     var testDescription: String { name }
 }
 

@@ -184,7 +184,8 @@ final class ControlTests: XCTestCase {
         XCTAssertGreaterThan(lines.count, 2, "\(lines)")
         XCTAssertTrue(lines.first?.hasPrefix("disk.raw: running  ") ?? false, "\(lines)")
         XCTAssertTrue(lines.first?.contains("  background  [") ?? false, "\(lines)")
-        XCTAssertTrue(lines.contains { $0.contains("/s now, ") && $0.contains("/s avg  eta 0:00:0") }, "rate and remaining time: \(lines)")
+        XCTAssertTrue(lines.contains { $0.contains("  copy ") && $0.contains("/s, dirty ") && $0.contains("/s  eta 0:00:0") },
+                      "rates and remaining time: \(lines)")
         XCTAssertTrue(lines.contains { $0.contains("actively-synced  write-blocking") }, "\(lines)")
         XCTAssertEqual(lines.last.map(String.init), "pivoted: \(mount.image) now serves \(target)")
         XCTAssertEqual(try check(mirrorfsBinary, ["status", mount.mountpoint]), "no job; \(mount.image) serves \(target)\n")

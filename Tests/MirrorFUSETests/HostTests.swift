@@ -195,7 +195,7 @@ final class StatusLineTests: XCTestCase {
         let mountpoint = try scratch.directory("mnt")
         let mount = try Mount(source: source, at: mountpoint, extra: ["--target", scratch.file("t.raw"), "--speed", "1M"])
         let wide = try execute(mirrorfsBinary, ["status", mountpoint], environment: ["COLUMNS": "400"]).stdout
-        for part in ["disk.raw: running", "background", "copied ", "to copy ", "size 64.0 MiB", "dirty ", "/s avg",
+        for part in ["disk.raw: running", "background", "copied ", "to copy ", "size 64.0 MiB", "dirty ", "copy ", "/s, dirty ",
                      "eta ", "elapsed 0:00:", "limit 1.0 MiB/s", "-> " + scratch.file("t.raw")] {
             XCTAssertTrue(wide.contains(part), "'\(part)' missing from: \(wide)")
         }
