@@ -46,7 +46,7 @@ public struct JobForecast: Sendable, Equatable {
 
     /// Converging needs a real margin: at an equilibrium (every copied chunk dirtied again
     /// as fast) the two rates are equal give or take noise, and what is left never shrinks.
-    static let margin = 0.05
+    static let margin = 0.1
 }
 
 extension MirrorState {
