@@ -1,6 +1,6 @@
 import Glibc
 
-/// A mutex with one condition variable, owning the value it guards: only code inside
+/// A mutex with one or more condition variables, owning the value it guards: only code inside
 /// `withLock` can touch it. Waits are part of a locked section (`withLock(waiting:)`): the
 /// section says it must wait, the lock waits for a broadcast (or a timeout) and runs the
 /// section again, so a waiter re-checks what it waits for after every wake-up, never holds
@@ -9,24 +9,29 @@ import Glibc
 public final class ConditionLock<Value>: @unchecked Sendable {
     // Heap-allocated: pthread objects must not move.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    /// `conditions` condition variables: waiters of different kinds wait on different ones,
+    /// so a change one kind waits for wakes no other.
     private let condition: UnsafeMutablePointer<pthread_cond_t>
+    private let conditions: Int
     /// Guarded by `mutex`.
     private var value: Value
 
-    public init(_ value: Value) {
+    public init(_ value: Value, conditions: Int = 1) {
+        precondition(conditions >= 1)
         self.value = value
+        self.conditions = conditions
         mutex = .allocate(capacity: 1)
-        condition = .allocate(capacity: 1)
+        condition = .allocate(capacity: conditions)
         pthread_mutex_init(mutex, nil)
         var attributes = pthread_condattr_t()
         pthread_condattr_init(&attributes)
         pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-        pthread_cond_init(condition, &attributes)
+        for index in 0..<conditions { pthread_cond_init(condition + index, &attributes) }
         pthread_condattr_destroy(&attributes)
     }
 
     deinit {
-        pthread_cond_destroy(condition)
+        for index in 0..<conditions { pthread_cond_destroy(condition + index) }
         pthread_mutex_destroy(mutex)
         mutex.deallocate()
         condition.deallocate()
@@ -41,8 +46,9 @@ public final class ConditionLock<Value>: @unchecked Sendable {
     /// What a locked section decided: done with a result, or wait and run again.
     public enum Decision<R> {
         case done(R)
-        /// Wait for a broadcast, or at most `timeout` seconds, then run the section again.
-        case wait(timeout: Double?)
+        /// Wait for a broadcast (or signal) of condition `on`, or at most `timeout` seconds,
+        /// then run the section again.
+        case wait(timeout: Double?, on: Int = 0)
     }
 
     /// Runs `body` under the lock until it is done; each time it asks to wait, the lock is
@@ -53,17 +59,24 @@ public final class ConditionLock<Value>: @unchecked Sendable {
         while true {
             switch body(&value) {
             case .done(let result): return result
-            case .wait(let timeout): waitLocked(timeout: timeout)
+            case .wait(let timeout, let on): waitLocked(timeout: timeout, on: on)
             }
         }
     }
 
-    /// Wakes every waiter; call with the lock held or just after releasing it.
-    public func broadcast() {
-        pthread_cond_broadcast(condition)
+    /// Wakes every waiter on condition `on`; call with the lock held or just after releasing it.
+    public func broadcast(_ on: Int = 0) {
+        pthread_cond_broadcast(condition + on)
     }
 
-    private func waitLocked(timeout: Double?) {
+    /// Wakes one waiter on condition `on` (each waiter re-checks, so one that finds nothing
+    /// to do waits again).
+    public func signal(_ on: Int = 0) {
+        pthread_cond_signal(condition + on)
+    }
+
+    private func waitLocked(timeout: Double?, on: Int = 0) {
+        let condition = condition + on
         guard let timeout else {
             pthread_cond_wait(condition, mutex)
             return

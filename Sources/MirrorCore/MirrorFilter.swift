@@ -220,8 +220,8 @@ public final class MirrorFilter: Sendable {
     public func flush(dataOnly: Bool) throws(Errno) {
         guard !isReadOnly else { return }
         let (device, writer) = routing.withLock { ($0.device, $0.writer) }
-        try device.flush(dataOnly: dataOnly)
-        writer?.flushTargetForUser()
+        guard let writer else { return try device.flush(dataOnly: dataOnly) }
+        try writer.flush { Result { () throws(Errno) in try device.flush(dataOnly: dataOnly) } }.get()
     }
 
     /// Applies `change` to the range. A range past the end is cut for changes that keep

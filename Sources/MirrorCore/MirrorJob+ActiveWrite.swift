@@ -55,8 +55,8 @@ struct MirrorOp: Sendable, Equatable {
     let mirrored: Bool
     /// The chunks are claimed (in flight) for this write.
     var claimed = false
-    /// The part of the range (relative to `offset`) sent to the target, decided after the
-    /// source write: head and tail inside still-dirty chunks are left to the copier.
+    /// The part of the range (relative to `offset`) sent to the target, decided when the
+    /// chunks are claimed: head and tail inside still-dirty chunks are left to the copier.
     var targetPart: Range<UInt64> = 0..<0
 }
 
@@ -95,32 +95,16 @@ extension MirrorState {
 
     /// active_write_prepare, second half (mirror_wait_on_conflicts): an active write waits
     /// for its whole range, so fresh data reaches the target after any older copy of the
-    /// same chunks. True once the chunks are claimed.
+    /// same chunks. Once they are claimed, which part goes to the target is decided
+    /// (do_sync_target_write's head/tail rule) and the chunks it covers whole are clean:
+    /// nothing else can touch a claimed chunk's bits but a write that dirties more. True
+    /// once claimed.
     mutating func claimChunks(_ op: inout MirrorOp) -> Bool {
         precondition(op.mirrored)
         if (op.chunks.contains { inFlight.isDirty($0) }) { return false }
         waitingActive.remove(at: waitingActive.firstIndex(of: op.chunks)!)
         inFlight.set(op.chunks)
         op.claimed = true
-        return true
-    }
-
-    /// The source write returned. Not mirrored, or failed: the range is dirty (a failed
-    /// write may have changed part of it, a short write before ENOSPC: the copier brings
-    /// over whatever the source now holds). Mirrored: which part goes to the target now
-    /// (do_sync_target_write's head/tail rule); fully covered chunks become clean.
-    mutating func sourceWritten(_ op: inout MirrorOp, succeeded: Bool, now: Double) {
-        guard op.mirrored else {
-            activelySynced = false
-            userDirtied(op.chunks, now: now)
-            unmirroredWrites -= 1
-            return
-        }
-        guard succeeded else {
-            activelySynced = false
-            userDirtied(op.chunks, now: now)
-            return
-        }
         let granularity = options.granularity
         let offset = op.offset, end = op.offset + op.length
         var head: UInt64 = 0, tail = op.length
@@ -130,15 +114,33 @@ extension MirrorState {
         if end % granularity != 0 && end != size && dirty.isDirty(Int((end - 1) / granularity)) {
             tail = max((end / granularity) * granularity, offset + head) - offset
         }
-        guard head < tail else { return }
+        guard head < tail else { return true }
         dirty.clear(dirty.chunks(inside: offset + head, length: tail - head))
         activeBytesInFlight += tail - head
         op.targetPart = head..<tail
+        return true
+    }
+
+    /// The source write returned. Not mirrored, or failed: the range is dirty (a failed
+    /// write may have changed part of it, a short write before ENOSPC, and the target may
+    /// hold the new data: the copier brings over whatever the source now holds).
+    mutating func sourceWritten(_ op: inout MirrorOp, succeeded: Bool, now: Double) {
+        if !op.mirrored {
+            activelySynced = false
+            userDirtied(op.chunks, now: now)
+            unmirroredWrites -= 1
+        } else if !succeeded {
+            activelySynced = false
+            userDirtied(op.chunks, now: now)
+        }
     }
 
     /// active_write_settle: account the target part (a failure re-dirties it and goes to
-    /// the error policy, never to the user), release the chunks, leave the job.
-    mutating func activeWriteSettle(_ op: MirrorOp, targetFailure: Errno?, now: Double) {
+    /// the error policy, never to the user), release the chunks, leave the job. Returns
+    /// who must be woken: writes waiting for chunks, the job thread when it waits for the
+    /// writes inside to finish or an error changed its course.
+    @discardableResult
+    mutating func activeWriteSettle(_ op: MirrorOp, targetFailure: Errno?, now: Double) -> [Wake] {
         let part = op.targetPart
         if !part.isEmpty {
             activeBytesInFlight -= part.upperBound - part.lowerBound
@@ -152,6 +154,10 @@ extension MirrorState {
         }
         if op.claimed { inFlight.clear(op.chunks) }
         filterWrites -= 1
+        var wake: [Wake] = []
+        if waitingWriters > 0 { wake.append(.writers) }
+        if writeGate == .held || (targetFailure != nil && !part.isEmpty) { wake.append(.job) }
+        return wake
     }
 }
 
@@ -159,9 +165,10 @@ extension MirrorJob {
     /// bdrv_mirror_top_do_write: every write through the mount while the job runs.
     /// Background mode, or a job that failed or was force-cancelled: write the source, then
     /// mark the range dirty. Write-blocking: claim the whole range (waiting for overlapping
-    /// operations), write the source, then write the target synchronously — except the
-    /// unaligned head or tail of a chunk that is still dirty, which the copier will take.
-    /// The user sees the source's result only; a target failure goes to the error policy.
+    /// operations), then write the source and the target at the same time (the target half
+    /// on this thread's companion) — except the unaligned head or tail of a chunk that is
+    /// still dirty, which the copier will take. The user sees the source's result only; a
+    /// target failure goes to the error policy.
     ///
     /// No bounce buffer: the data is libfuse's request buffer, which the kernel already
     /// copied from the user and which nobody changes until the reply.
@@ -169,28 +176,38 @@ extension MirrorJob {
         let length = write.length
         guard var op = activeWritePrepare(offset: offset, length: length) else { return .detached }
 
-        // The region's bit is durable before the source changes: after a crash the log
-        // covers every write that may have reached the source and not the target.
+        // The region's bit is durable before the source (or the target) changes: after a
+        // crash the log covers every write that may have reached one and not the other.
         log?.mark(offset: offset, length: length)
-        let sourceFailure = Result { () throws(Errno) in
-            try write.apply(to: source, at: offset, skip: 0, length: length, cache: cache)
-        }.failure
-        let written = clock.now()
-        state.withLock { $0.sourceWritten(&op, succeeded: sourceFailure == nil, now: written) }
-        if !op.mirrored { state.broadcast() }  // actively-synced may wait for this write
-
-        // do_sync_target_write
+        func writeSource() -> Errno? {
+            Result { () throws(Errno) in try write.apply(to: source, at: offset, skip: 0, length: length, cache: cache) }.failure
+        }
         var targetFailure: Errno?
-        if !op.targetPart.isEmpty {
-            targetFailure = Result { () throws(Errno) in
-                try write.apply(to: target, at: offset, skip: op.targetPart.lowerBound,
-                                length: op.targetPart.upperBound - op.targetPart.lowerBound, cache: cache, isTarget: true)
-            }.failure
+        let sourceFailure: Errno?
+        if op.targetPart.isEmpty {
+            sourceFailure = writeSource()
+        } else {
+            // do_sync_target_write, alongside the source write.
+            let part = op.targetPart
+            sourceFailure = Companion.current.run(writeSource, alongside: {
+                targetFailure = Result { () throws(Errno) in
+                    try write.apply(to: target, at: offset, skip: part.lowerBound, length: part.upperBound - part.lowerBound,
+                                    cache: cache, isTarget: true)
+                }.failure
+            })
+        }
+        let now = clock.now()
+        // (A mirrored write whose source write succeeded has nothing to mark.)
+        if !op.mirrored || sourceFailure != nil {
+            state.withLock { $0.sourceWritten(&op, succeeded: sourceFailure == nil, now: now) }
         }
 
         log?.finished(offset: offset, length: length)
-        let now = clock.now()
-        locked { $0.activeWriteSettle(op, targetFailure: targetFailure, now: now) }
+        let (wake, events) = state.withLock { s in
+            (s.activeWriteSettle(op, targetFailure: targetFailure, now: now), !s.outbox.isEmpty)
+        }
+        self.wake(wake)
+        if events { deliverEvents() }
         if let sourceFailure { throw sourceFailure }
         return .done
     }
@@ -199,29 +216,45 @@ extension MirrorJob {
     /// mirrored, its chunks claimed. Nil when the job let go meanwhile.
     private func activeWritePrepare(offset: UInt64, length: UInt64) -> MirrorOp? {
         var admitted: MirrorOp?
+        var waited = false
         let now = clock.now()
         return state.withLock(waiting: { s -> ConditionLock<MirrorState>.Decision<MirrorOp?> in
+            func wait() -> ConditionLock<MirrorState>.Decision<MirrorOp?> {
+                if !waited { s.waitingWriters += 1 }
+                waited = true
+                return .wait(timeout: nil, on: Wake.writers.rawValue)
+            }
+            func done(_ op: MirrorOp?) -> ConditionLock<MirrorState>.Decision<MirrorOp?> {
+                if waited { s.waitingWriters -= 1 }
+                return .done(op)
+            }
             if admitted == nil {
                 switch s.admitWrite(offset: offset, length: length, now: now) {
-                case .held: return .wait(timeout: nil)
-                case .detached: return .done(nil)
+                case .held: return wait()
+                case .detached: return done(nil)
                 case .admitted(let op): admitted = op
                 }
             }
-            guard var op = admitted, op.mirrored else { return .done(admitted) }
-            guard s.claimChunks(&op) else { return .wait(timeout: nil) }
-            return .done(op)
+            guard var op = admitted, op.mirrored else { return done(admitted) }
+            guard s.claimChunks(&op) else { return wait() }
+            return done(op)
         })
     }
 
-    /// An fsync through the mount: in write-blocking mode the target is flushed too
-    /// (SPEC 4); a target failure goes to the error policy, never to the user.
-    public func flushTargetForUser() {
+    /// An fsync through the mount: `flushSource` runs here, and in write-blocking mode the
+    /// target is flushed at the same time (SPEC 4); a target failure goes to the error
+    /// policy, never to the user.
+    public func flush<R>(source flushSource: () -> R) -> R {
         let now = clock.now()
-        guard state.withLock({ $0.copyMode == .writeBlocking && $0.targetUsable(now: now) }) else { return }
-        if let failure = Result(catching: { () throws(Errno) in try target.flush(dataOnly: true) }).failure {
+        guard state.withLock({ $0.copyMode == .writeBlocking && $0.targetUsable(now: now) }) else { return flushSource() }
+        var failure: Errno?
+        let result = Companion.current.run(flushSource, alongside: {
+            failure = Result(catching: { () throws(Errno) in try target.flush(dataOnly: true) }).failure
+        })
+        if let failure {
             let now = clock.now()
             locked { $0.errorAction(isRead: false, error: failure, now: now) }
         }
+        return result
     }
 }

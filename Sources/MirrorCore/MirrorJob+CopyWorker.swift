@@ -12,7 +12,7 @@ extension MirrorState {
     /// The next queued operation; nil when the workers are to exit.
     mutating func nextCopy() -> ConditionLock<MirrorState>.Decision<CopyOperation?> {
         if !queue.isEmpty { return .done(queue.removeFirst()) }
-        return copiersExit ? .done(nil) : .wait(timeout: nil)
+        return copiersExit ? .done(nil) : .wait(timeout: nil, on: Wake.copiers.rawValue)
     }
 
     /// mirror_iteration_done: release the chunks; on failure re-dirty and apply the policy.
@@ -38,7 +38,8 @@ extension MirrorJob {
         while let operation = state.withLock(waiting: { $0.nextCopy() }) {
             let failure = perform(operation, buffer: buffer)
             let now = clock.now()
-            locked { $0.copyDone(operation, failure: failure, now: now) }
+            // The job thread starts the next copy; writes may wait for these chunks.
+            locked(wake: [.job, .writers]) { $0.copyDone(operation, failure: failure, now: now) }
         }
     }
 

@@ -53,8 +53,10 @@ extension MirrorState {
         if backgroundOps == 0 && dirty.dirtyChunks == 0 && !backingOff {
             // Ready once everything was copied and the target flushed (mirror_flush).
             if !synced { return .flushTarget(.ready) }
-            if !activelySynced && copyMode == .writeBlocking && activeBytesInFlight == 0 && unmirroredWrites == 0
-                && error == nil && ioStatus == .ok {
+            // Mirrored writes still in flight do not count against it (as in QEMU): none
+            // returns before its target part is written, and a failure clears the flag first.
+            // Writes that missed the mirror do.
+            if !activelySynced && copyMode == .writeBlocking && unmirroredWrites == 0 && error == nil && ioStatus == .ok {
                 activelySynced = true
                 return .publish
             }
@@ -204,7 +206,9 @@ extension MirrorJob {
                 // Never longer than a slice: a manual clock's time moves without a broadcast.
                 return .wait(timeout: min(until.map { $0 - now } ?? .infinity, MirrorState.sliceTime))
             })
-            state.broadcast()
+            // New copies wake one copy worker each; any other step may have changed what
+            // anyone waits for.
+            if step == .wakeCopiers { state.signal(Wake.copiers.rawValue) } else { wake(Wake.allCases) }
             deliverEvents()
             switch step {
             case .wait, .publish, .wakeCopiers:

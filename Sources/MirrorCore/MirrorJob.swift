@@ -55,22 +55,27 @@ public final class MirrorJob: Sendable {
         self.size = source.size
         self.log = log
         self.clock = clock
-        self.state = ConditionLock(MirrorState(options: options, size: source.size, hasLog: log != nil, now: clock.now()))
+        self.state = ConditionLock(MirrorState(options: options, size: source.size, hasLog: log != nil, now: clock.now()),
+                                   conditions: Wake.allCases.count)
         self.sink = emit
         self.lifecycle = lifecycle
     }
 
     // MARK: - Locked sections
 
-    /// `body` under the lock, then a broadcast (someone may wait for the change) and the
-    /// delivery of the events it queued.
+    /// `body` under the lock, then a broadcast to those who may wait for the change (all,
+    /// unless the caller knows better) and the delivery of the events it queued.
     @discardableResult
-    func locked<R, E: Error>(_ body: (inout MirrorState) throws(E) -> R) throws(E) -> R {
+    func locked<R, E: Error>(wake: [Wake] = Wake.allCases, _ body: (inout MirrorState) throws(E) -> R) throws(E) -> R {
         defer {
-            state.broadcast()
+            self.wake(wake)
             deliverEvents()
         }
         return try state.withLock(body)
+    }
+
+    func wake(_ waiters: [Wake]) {
+        for waiter in waiters { state.broadcast(waiter.rawValue) }
     }
 
     /// Hands queued events to the sink, in order. Lock not held.

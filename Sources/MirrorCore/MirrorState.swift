@@ -86,6 +86,8 @@ struct MirrorState: Sendable {
     var writeGate: WriteGate = .open
     /// Writes between entry and exit.
     var filterWrites = 0
+    /// Writes waiting to enter or for their chunks (a settling write wakes them only then).
+    var waitingWriters = 0
     /// Writes decided "not mirrored" that have not yet marked their range dirty:
     /// actively-synced waits for them (a write that saw background mode just before a
     /// switch to write-blocking).
@@ -263,6 +265,17 @@ struct MirrorState: Sendable {
             target: options.targetName, dirtyLog: dirtyLog,
             elapsedSeconds: (elapsed * 10).rounded() / 10)
     }
+}
+
+/// Who waits on which of the job lock's condition variables, so that a change wakes only
+/// those who wait for it (a write's settle used to wake all sixteen copy workers).
+enum Wake: Int, CaseIterable, Sendable {
+    /// The job thread (its loop, its exit), the mount's shutdown, `MirrorJob.wait(until:)`.
+    case job
+    /// The copy workers, waiting for queued work.
+    case copiers
+    /// Writes held at the gate or waiting for their chunks.
+    case writers
 }
 
 /// A verb with its arguments, as QMP and the CLI ask for it.
