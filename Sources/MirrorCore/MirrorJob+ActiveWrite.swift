@@ -14,19 +14,23 @@ public enum ImageWrite {
     }
 
     /// The same operation on [offset+skip, offset+skip+length) of `device`. On a target,
-    /// a hole or zero range the file system cannot make becomes written zeroes (QEMU);
-    /// on the source the user gets the source's errno.
+    /// zeroes stay thin (SPEC 10, as QEMU's mirror with its zero bitmap): a ZERO_RANGE, a
+    /// hole, or data that is all zero becomes write-zeroes (a hole where the target can
+    /// keep reads zero: punch hole, NBD write-zeroes without NO_HOLE; else written zeroes).
+    /// On the source the user gets exactly what was asked, and the source's errno.
     func apply(to device: any BlockDevice, at offset: UInt64, skip: UInt64, length: UInt64, cache: CachePolicy,
                isTarget: Bool = false) throws(Errno) {
         guard length > 0 else { return }
         switch self {
         case .data(let buffer):
             let slice = UnsafeRawBufferPointer(rebasing: buffer[Int(skip)..<Int(skip + length)])
-            try device.write(slice, at: offset + skip, cache: cache)
-        case .punchHole where isTarget:
+            if isTarget && isAllZero(slice) {
+                try writeZeroes(to: device, at: offset + skip, length: length, preferHole: true)
+            } else {
+                try device.write(slice, at: offset + skip, cache: cache)
+            }
+        case .punchHole where isTarget, .zeroRange where isTarget:
             try writeZeroes(to: device, at: offset + skip, length: length, preferHole: true)
-        case .zeroRange where isTarget:
-            try writeZeroes(to: device, at: offset + skip, length: length, preferHole: false)
         case .punchHole:
             try device.punchHole(at: offset + skip, length: length)
         case .zeroRange:

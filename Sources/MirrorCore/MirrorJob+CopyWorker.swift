@@ -65,7 +65,7 @@ extension MirrorJob {
                     return CopyFailure(isRead: true, error: error)
                 }
                 do {
-                    if piece.allSatisfy({ $0 == 0 }) {
+                    if isAllZero(UnsafeRawBufferPointer(piece)) {
                         try zeroTarget(at: offset, length: UInt64(count))
                     } else {
                         try target.write(UnsafeRawBufferPointer(piece), at: offset, cache: .direct)

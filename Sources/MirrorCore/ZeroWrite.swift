@@ -25,6 +25,23 @@ func writeZeroes(to device: any BlockDevice, at offset: UInt64, length: UInt64, 
     }
 }
 
+/// Whether every byte of `buffer` is zero. Data that is not zero almost always shows it in
+/// its first word, so a write of real data pays a compare or two; zeroes are checked eight
+/// bytes at a time.
+func isAllZero(_ buffer: UnsafeRawBufferPointer) -> Bool {
+    let count = buffer.count
+    var index = 0
+    while index + 8 <= count {
+        if buffer.loadUnaligned(fromByteOffset: index, as: UInt64.self) != 0 { return false }
+        index += 8
+    }
+    while index < count {
+        if buffer[index] != 0 { return false }
+        index += 1
+    }
+    return true
+}
+
 /// 1 MiB of zeroes, never written: the source of written zeroes.
 nonisolated(unsafe) private let zeroBuffer: UnsafeMutableRawBufferPointer = {
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
