@@ -4,17 +4,6 @@ import XCTest
 /// SPEC 10: a job that does not converge says so, `--auto-write-blocking` makes it end,
 /// and the forecast's time to go holds.
 final class ConvergenceTests: XCTestCase {
-    /// Four fio writers (4 KiB random, O_DIRECT) over the whole image until stopped.
-    private func writers(_ mount: Mount) throws -> Process {
-        let fio = Process()
-        fio.executableURL = URL(fileURLWithPath: try which("fio"))
-        fio.arguments = ["--name=load", "--filename=\(mount.image)", "--rw=randwrite", "--bs=4k", "--direct=1",
-                         "--numjobs=4", "--time_based", "--runtime=120", "--ioengine=psync", "--verify_state_save=0"]
-        fio.standardOutput = FileHandle.nullDevice
-        try fio.run()
-        return fio
-    }
-
     /// A copy limited to 16 MiB/s under four writers that dirty clean regions as fast as it
     /// copies them: without the option it is not ready after 30 s, and job.json and the
     /// status line say it does not converge (no time to go).
@@ -23,7 +12,7 @@ final class ConvergenceTests: XCTestCase {
         let source = try scratch.image("disk.raw", size: 128 << 20, randomPieces: [(0, 128 << 20)])
         let mount = try Mount(source: source, at: try scratch.directory("mnt"),
                               extra: ["--target", scratch.file("target.raw"), "--speed", "16M"])
-        let fio = try writers(mount)
+        let fio = try startWriters(mount.image, runtime: 120)
         defer { if fio.isRunning { fio.terminate() }; fio.waitUntilExit() }
         let end = Date().addingTimeInterval(30)
         var notConverging = 0
@@ -60,7 +49,7 @@ final class ConvergenceTests: XCTestCase {
         let target = scratch.file("target.raw")
         let mount = try Mount(source: source, at: try scratch.directory("mnt"),
                               extra: ["--target", target, "--speed", "16M", "--auto-write-blocking-after", "5"])
-        let fio = try writers(mount)
+        let fio = try startWriters(mount.image, runtime: 120)
         defer { if fio.isRunning { fio.terminate() }; fio.waitUntilExit() }
         XCTAssertTrue(waitUntil("actively-synced", timeout: 30) { job(mount)?["actively-synced"] as? Bool == true },
                       "\(job(mount) ?? [:])")
@@ -70,11 +59,7 @@ final class ConvergenceTests: XCTestCase {
         XCTAssertEqual(job(mount)?["converging"] as? Bool, true)
         fio.terminate()
         fio.waitUntilExit()
-        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
-        XCTAssertNil(job(mount))
-        XCTAssertEqual(mount.stop(), 0)
-        let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target])
-        XCTAssertEqual(compare.status, 0, compare.stdout)
+        try completeStopAndCompare(mount, source: source, target: target)
     }
 
     /// The forecast of a 512 MiB copy limited to 64 MiB/s with no writers: eta-seconds,

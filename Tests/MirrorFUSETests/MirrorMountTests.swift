@@ -33,12 +33,7 @@ final class MirrorMountTests: XCTestCase {
         // never be (as in QEMU; write-blocking is the remedy this test switches to).
         waitUntil("ready") { job(mount)?["ready"] as? Bool == true }
         // Four writers over the first half, for the rest of the test.
-        let fio = Process()
-        fio.executableURL = URL(fileURLWithPath: try which("fio"))
-        fio.arguments = ["--name=load", "--filename=\(mount.image)", "--rw=randwrite", "--bs=4k", "--direct=1",
-                         "--numjobs=4", "--size=128M", "--time_based", "--runtime=60", "--ioengine=psync"]
-        fio.standardOutput = FileHandle.nullDevice
-        try fio.run()
+        let fio = try startWriters(mount.image, size: "128M", runtime: 60)
         defer { if fio.isRunning { fio.terminate() }; fio.waitUntilExit() }
         usleep(300_000)
         XCTAssertEqual(job(mount)?["actively-synced"] as? Bool, false, "background mode with writers")
@@ -65,11 +60,7 @@ final class MirrorMountTests: XCTestCase {
         }
         fio.terminate()
         fio.waitUntilExit()
-        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
-        XCTAssertNil(job(mount))
-        XCTAssertEqual(mount.stop(), 0)
-        let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target])
-        XCTAssertEqual(compare.status, 0, "target equals the source as of the pivot: \(compare.stdout)")
+        try completeStopAndCompare(mount, source: source, target: target)
     }
 
     func testCompletePivotsTheMountOntoTheTarget() throws {

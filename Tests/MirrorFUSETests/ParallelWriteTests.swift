@@ -22,9 +22,6 @@ final class ParallelWriteTests: XCTestCase {
         XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
         XCTAssertEqual(job(mount)?["actively-synced"] as? Bool, true)
         XCTAssertEqual(job(mount)?["io-status"] as? String, "ok")
-        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
-        XCTAssertEqual(mount.stop(), 0)
-        let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target])
-        XCTAssertEqual(compare.status, 0, compare.stdout + compare.stderr)
+        try completeStopAndCompare(mount, source: source, target: target)
     }
 }

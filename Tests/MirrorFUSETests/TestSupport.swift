@@ -57,6 +57,19 @@ func which(_ name: String) throws -> String {
     throw NSError(domain: "test", code: 1, userInfo: [NSLocalizedDescriptionKey: "\(name) not found in PATH"])
 }
 
+/// Four fio writers (4 KiB random, O_DIRECT, psync) on `image` for `runtime` seconds at
+/// most, over its first `size` (all of it when nil), running until terminated.
+func startWriters(_ image: String, size: String? = nil, runtime: Int) throws -> Process {
+    let fio = Process()
+    fio.executableURL = URL(fileURLWithPath: try which("fio"))
+    fio.arguments = ["--name=load", "--filename=\(image)", "--rw=randwrite", "--bs=4k", "--direct=1", "--numjobs=4",
+                     "--time_based", "--runtime=\(runtime)", "--ioengine=psync", "--verify_state_save=0"]
+        + (size.map { ["--size=\($0)"] } ?? [])
+    fio.standardOutput = FileHandle.nullDevice
+    try fio.run()
+    return fio
+}
+
 /// Runs `run` and fails the test unless it exits 0; returns stdout.
 @discardableResult
 func check(_ executable: String, _ arguments: [String], timeout: TimeInterval = 300,
@@ -224,6 +237,18 @@ func waitForJob(_ mountpoint: String, containing fragment: String, timeout: Time
 
 /// Reading a mount's job state, shared by the mirror tests.
 extension XCTestCase {
+    /// Pivots the mount's job onto `target`, stops the daemon, and checks that `target`
+    /// holds the source's bytes as of the pivot.
+    func completeStopAndCompare(_ mount: Mount, source: String, target: String,
+                                file: StaticString = #filePath, line: UInt = #line) throws {
+        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
+        XCTAssertNil(job(mount), "a job after complete", file: file, line: line)
+        XCTAssertEqual(mount.stop(), 0, file: file, line: line)
+        let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, target])
+        XCTAssertEqual(compare.status, 0, "target equals the source as of the pivot: \(compare.stdout)\(compare.stderr)",
+                       file: file, line: line)
+    }
+
     /// `.status/job.json` parsed; nil while it holds `null`.
     func job(_ mount: Mount) -> [String: Any]? {
         guard let data = FileManager.default.contents(atPath: mount.mountpoint + "/.status/job.json") else { return nil }

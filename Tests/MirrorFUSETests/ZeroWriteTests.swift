@@ -33,10 +33,7 @@ final class ZeroWriteTests: XCTestCase {
             XCTAssertFalse(data.contains { $0.overlaps(zeroed) }, "data in \(zeroed) of the target: \(data)")
         }
         XCTAssertTrue(data.contains { $0.contains(0) }, "the source's data is in the target: \(data)")
-        try check(mirrorfsBinary, ["job", "complete", mount.mountpoint])
-        XCTAssertEqual(mount.stop(), 0)
-        let compare = try execute("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, targetFile])
-        XCTAssertEqual(compare.status, 0, compare.stdout + compare.stderr)
+        try completeStopAndCompare(mount, source: source, target: targetFile)
     }
 
     func testZeroesStayThinOnAFileTarget() throws {
