@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "mirrorfs", targets: ["mirrorfs"]),
+        .executable(name: "mirrorfs-keeper", targets: ["mirrorfs-keeper"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -21,6 +22,10 @@ let package = Package(
         ),
         // Linux file APIs that Glibc's module leaves out (O_DIRECT, fallocate, SEEK_DATA).
         .target(name: "CLinux"),
+        // The server's side of /dev/fuse (libfuse's custom io): INIT recorded and replayed, resend.
+        .target(name: "CFuseChannel"),
+        // Holds the /dev/fuse descriptor, starts and restarts the server (SPEC 11). C, libc only.
+        .executableTarget(name: "mirrorfs-keeper"),
         // The block-job engine: devices, filter, job state. No FUSE, no sockets.
         .target(
             name: "MirrorCore",
@@ -29,7 +34,7 @@ let package = Package(
         // The kernel boundary: fuse_lowlevel_ops → MirrorCore calls → replies.
         .target(
             name: "MirrorFUSE",
-            dependencies: ["CFuse", "CLinux", "MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["CFuse", "CFuseChannel", "CLinux", "MirrorCore", .product(name: "SystemPackage", package: "swift-system")]
         ),
         // libnbd, the NBD protocol's client library; shim.h adapts its macros for Swift.
         .systemLibrary(
@@ -75,7 +80,7 @@ let package = Package(
         // Real kernel mounts driven through the built `mirrorfs` binary and real clients.
         .testTarget(
             name: "MirrorFUSETests",
-            dependencies: ["mirrorfs", "CLinux"]
+            dependencies: ["mirrorfs", "mirrorfs-keeper", "CLinux"]
         ),
     ]
 )

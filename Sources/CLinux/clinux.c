@@ -3,6 +3,7 @@
 #include <string.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <linux/falloc.h>
 #include <spawn.h>
@@ -51,39 +52,71 @@ int clinux_ofd_unlock(int fd, off_t start) {
 static pthread_t clinux_loop_thread;
 static struct sigaction clinux_previous[3];
 static const int clinux_exit_signals[3] = { SIGINT, SIGTERM, SIGHUP };
+static volatile sig_atomic_t clinux_exit_signal_seen = 0;
+static volatile sig_atomic_t clinux_hand_over_seen = 0;
+
+static void clinux_run_previous(int index, int sig, siginfo_t *info, void *context) {
+    struct sigaction *previous = &clinux_previous[index];
+    if (previous->sa_flags & SA_SIGINFO) {
+        if (previous->sa_sigaction) previous->sa_sigaction(sig, info, context);
+    } else if (previous->sa_handler != SIG_IGN && previous->sa_handler != SIG_DFL) {
+        previous->sa_handler(sig);
+    } else if (previous->sa_handler == SIG_DFL) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+    }
+}
 
 static void clinux_route_exit_signal(int sig, siginfo_t *info, void *context) {
     if (!pthread_equal(pthread_self(), clinux_loop_thread)) {
         pthread_kill(clinux_loop_thread, sig);
         return;
     }
+    if (sig == SIGUSR1) {
+        // A hand-over ends the loop as SIGTERM does (libfuse's handler flags the exit).
+        clinux_hand_over_seen = 1;
+        clinux_run_previous(1, SIGTERM, info, context);
+        return;
+    }
+    clinux_exit_signal_seen = 1;
     for (int i = 0; i < 3; i++) {
-        if (clinux_exit_signals[i] != sig) continue;
-        struct sigaction *previous = &clinux_previous[i];
-        if (previous->sa_flags & SA_SIGINFO) {
-            if (previous->sa_sigaction) previous->sa_sigaction(sig, info, context);
-        } else if (previous->sa_handler != SIG_IGN && previous->sa_handler != SIG_DFL) {
-            previous->sa_handler(sig);
-        } else if (previous->sa_handler == SIG_DFL) {
-            signal(sig, SIG_DFL);
-            raise(sig);
-        }
+        if (clinux_exit_signals[i] == sig) clinux_run_previous(i, sig, info, context);
     }
 }
 
 int clinux_route_exit_signals_to_this_thread(void) {
     clinux_loop_thread = pthread_self();
+    struct sigaction routed;
+    memset(&routed, 0, sizeof routed);
+    sigemptyset(&routed.sa_mask);
+    routed.sa_sigaction = clinux_route_exit_signal;
+    // No SA_RESTART: the loop thread's wait must return EINTR and see the exit flag.
+    routed.sa_flags = SA_SIGINFO;
     for (int i = 0; i < 3; i++) {
         if (sigaction(clinux_exit_signals[i], NULL, &clinux_previous[i]) != 0) return -1;
-        struct sigaction routed;
-        memset(&routed, 0, sizeof routed);
-        sigemptyset(&routed.sa_mask);
-        routed.sa_sigaction = clinux_route_exit_signal;
-        // No SA_RESTART: the loop thread's wait must return EINTR and see the exit flag.
-        routed.sa_flags = SA_SIGINFO;
         if (sigaction(clinux_exit_signals[i], &routed, NULL) != 0) return -1;
     }
-    return 0;
+    return sigaction(SIGUSR1, &routed, NULL);
+}
+
+int clinux_exit_signal_received(void) { return clinux_exit_signal_seen; }
+int clinux_hand_over_requested(void) { return clinux_hand_over_seen; }
+
+int clinux_send_text_and_fd(int socket, const char *text, int fd) {
+    struct iovec iov = { .iov_base = (void *)text, .iov_len = strlen(text) };
+    char control[CMSG_SPACE(sizeof(int))];
+    memset(control, 0, sizeof control);
+    struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (fd >= 0) {
+        message.msg_control = control;
+        message.msg_controllen = sizeof control;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&message);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    }
+    return sendmsg(socket, &message, MSG_NOSIGNAL) < 0 ? -1 : 0;
 }
 
 int clinux_tgkill(pid_t pid, pid_t tid, int signal) {

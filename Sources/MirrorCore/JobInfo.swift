@@ -91,6 +91,8 @@ public struct JobEvent: Sendable, Equatable {
         /// `--auto-write-blocking` switched a job that did not converge (a downstream
         /// extension event, named by QEMU's rule for them).
         case autoWriteBlocking(device: String, seconds: Double, dirtyRate: UInt64, copyRate: UInt64)
+        /// A new server took the mount's connection over (SPEC 11; a downstream extension event).
+        case serverRestart(restarts: Int, cause: String, pid: Int32)
     }
 
     public let kind: Kind
@@ -113,6 +115,7 @@ public struct JobEvent: Sendable, Equatable {
         case .error: "BLOCK_JOB_ERROR"
         case .pending: "BLOCK_JOB_PENDING"
         case .autoWriteBlocking: QAPIExtension.prefix + "BLOCK_JOB_AUTO_WRITE_BLOCKING"
+        case .serverRestart: QAPIExtension.prefix + "SERVER_RESTART"
         }
     }
 
@@ -139,6 +142,8 @@ public struct JobEvent: Sendable, Equatable {
             return .object([("type", "mirror"), ("device", .string(device)), ("copy-mode", "write-blocking"),
                             ("not-converging-seconds", .double(seconds)), ("dirty-rate", .int(Int64(dirtyRate))),
                             ("copy-rate", .int(Int64(copyRate)))])
+        case let .serverRestart(restarts, cause, pid):
+            return .object([("restarts", .int(Int64(restarts))), ("cause", .string(cause)), ("pid", .int(Int64(pid)))])
         }
     }
 

@@ -6,19 +6,19 @@ public enum QAPIExtension {
 }
 
 /// MirrorCopyMode.
-public enum CopyMode: String, Sendable, CaseIterable {
+public enum CopyMode: String, Sendable, CaseIterable, Codable {
     case background
     case writeBlocking = "write-blocking"
 }
 
 /// MirrorSyncMode (the subset a raw image without backing file supports).
-public enum SyncMode: String, Sendable, CaseIterable {
+public enum SyncMode: String, Sendable, CaseIterable, Codable {
     case full
     case none
 }
 
 /// BlockdevOnError (the actions a mirror honours).
-public enum ErrorPolicy: String, Sendable, CaseIterable {
+public enum ErrorPolicy: String, Sendable, CaseIterable, Codable {
     case report
     case ignore
     case stop
@@ -78,7 +78,7 @@ public struct JobError: Error, Sendable, Equatable, CustomStringConvertible {
 }
 
 /// Everything a mirror job is started with.
-public struct MirrorOptions: Sendable {
+public struct MirrorOptions: Sendable, Codable {
     public var jobID: String
     public var copyMode: CopyMode = .background
     public var sync: SyncMode = .full

@@ -34,6 +34,7 @@ public final class MirrorFilter: Sendable {
     private let eventListeners = Mutex<[@Sendable (JobEvent) -> Void]>([])
     /// Called when a job stops seeing writes: how it ended, and the device served after.
     private let detachListeners = Mutex<[@Sendable (JobDetach) -> Void]>([])
+    private let pivotListeners = Mutex<[@Sendable (any BlockDevice) -> Void]>([])
 
     private struct Routing {
         /// The device the image is served from: the source, or the target after a pivot.
@@ -76,6 +77,15 @@ public final class MirrorFilter: Sendable {
     public func addEventListener(_ listener: @escaping @Sendable (JobEvent) -> Void) {
         eventListeners.withLock { $0.append(listener) }
     }
+
+    /// Called on the job's thread just before a pivot takes effect (the completion is
+    /// recorded, writes are held): the device that will be served.
+    public func addPivotListener(_ listener: @escaping @Sendable (any BlockDevice) -> Void) {
+        pivotListeners.withLock { $0.append(listener) }
+    }
+
+    /// An event that is not a job's (a server restart): logged and sent as job events are.
+    public func emit(_ event: JobEvent) { record(event) }
 
     public func addDetachListener(_ listener: @escaping @Sendable (JobDetach) -> Void) {
         detachListeners.withLock { $0.append(listener) }
@@ -148,6 +158,9 @@ public final class MirrorFilter: Sendable {
     }
 
     private func jobChanged(_ change: MirrorJob.Lifecycle) {
+        if case .detach(pivot: true, _) = change, let target = routing.withLock({ $0.writer?.target }) {
+            for listener in pivotListeners.withLock({ $0 }) { listener(target) }
+        }
         let detached = routing.withLock { r -> JobDetach? in
             switch change {
             case .detach(let pivot, let failed):

@@ -47,7 +47,9 @@ public final class FUSEFileSystem: Sendable {
 
     /// The root's extended attributes.
     var rootAttributes: [String: String] {
-        var attributes = [Self.pidAttribute: String(getpid()), Self.servingAttribute: filter.device.location]
+        var attributes = [Self.pidAttribute: String(getpid()), Self.servingAttribute: filter.device.location,
+                          RootAttribute.restarts: String(restarts)]
+        if let keeper { attributes[RootAttribute.keeper] = String(keeper) }
         if let controlSocket { attributes[Self.controlSocketAttribute] = controlSocket }
         if let job = filter.job { attributes[Self.targetAttribute] = job.target.location }
         return attributes
@@ -57,12 +59,21 @@ public final class FUSEFileSystem: Sendable {
     let passDirect: Bool
     /// Called once the kernel's INIT has been answered for: the mount is usable.
     let onReady: @Sendable () -> Void
+    /// How many servers this mount had before this one, and the process that holds its
+    /// connection across them (nil when this server holds it alone).
+    let restarts: Int
+    let keeper: pid_t?
 
     /// Each open of a status file reads one snapshot, taken at open: every open sees the
     /// state of that moment, and reads within one open are consistent (procfs style).
     private let statusSnapshots = Mutex<StatusSnapshots>(StatusSnapshots())
+    /// Status-file handles: this bit, this server's tag, a counter. A handle some earlier
+    /// server made (the kernel keeps it across a takeover) is unknown here: its next read
+    /// takes a fresh snapshot under it.
+    static let statusHandleBit: UInt64 = 1 << 63
     private struct StatusSnapshots {
         var next: UInt64 = 1
+        let tag = UInt64(UInt32.random(in: 1...UInt32.max >> 1)) << 32
         var contents: [UInt64: [UInt8]] = [:]
         /// Per status file: the size of its newest open snapshot. fstat after open reports
         /// that size, so a reader that trusts st_size reads the snapshot whole.
@@ -78,7 +89,9 @@ public final class FUSEFileSystem: Sendable {
 
     public init(filter: MirrorFilter, imageName: String, mountpoint: String = "", uid: uid_t, gid: gid_t, permissions: mode_t,
                 readBuffers: AlignedBufferPool, controlSocket: String?, passDirect: Bool = true,
-                onReady: @escaping @Sendable () -> Void) {
+                restarts: Int = 0, keeper: pid_t? = nil, onReady: @escaping @Sendable () -> Void) {
+        self.restarts = restarts
+        self.keeper = keeper
         self.mountpoint = mountpoint
         self.passDirect = passDirect
         self.controlSocket = controlSocket
@@ -174,7 +187,7 @@ public final class FUSEFileSystem: Sendable {
     func openStatusSnapshot(of node: Node) -> UInt64 {
         let content = statusContent(of: node)
         return statusSnapshots.withLock { state in
-            let handle = state.next
+            let handle = Self.statusHandleBit | state.tag | (state.next & 0xffff_ffff)
             state.next += 1
             state.contents[handle] = content
             state.newestSize[node] = (handle, content.count)
@@ -182,9 +195,13 @@ public final class FUSEFileSystem: Sendable {
         }
     }
 
-    /// The bytes of snapshot `handle` from `offset`, at most `size` of them.
-    func statusSnapshot(_ handle: UInt64, offset: Int, size: Int) -> [UInt8]? {
-        statusSnapshots.withLock { state in
+    /// The bytes of snapshot `handle` of `node` from `offset`, at most `size` of them. A
+    /// handle opened under an earlier server gets a snapshot of now.
+    func statusSnapshot(_ handle: UInt64, of node: Node, offset: Int, size: Int) -> [UInt8]? {
+        guard handle & Self.statusHandleBit != 0 else { return nil }
+        let fresh = statusSnapshots.withLock { $0.contents[handle] == nil } ? statusContent(of: node) : nil
+        return statusSnapshots.withLock { state in
+            if let fresh, state.contents[handle] == nil { state.contents[handle] = fresh }
             guard let content = state.contents[handle] else { return nil }
             let start = min(max(offset, 0), content.count)
             return Array(content[start..<min(start + size, content.count)])

@@ -78,6 +78,9 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
         }
         conn.pointee.max_background = 64
         conn.pointee.congestion_threshold = 48
+        // The session is initialised (libfuse set got_init before this callback): a
+        // taking-over server has the kernel resend, then the other readers go on.
+        SessionInitialisation.shared.run()
         fs.onReady()
     }
 
@@ -166,7 +169,7 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
                 }
             }
         case .jobJSON, .eventsJSONL, .metricsProm:
-            guard let bytes = fs.statusSnapshot(fi.pointee.fh, offset: Int(offset), size: size) else {
+            guard let bytes = fs.statusSnapshot(fi.pointee.fh, of: n, offset: Int(offset), size: size) else {
                 return replyError(req, .badFileDescriptor)
             }
             _ = bytes.withUnsafeBytes { fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }

@@ -91,10 +91,13 @@ public final class QMPCommands: Sendable {
         }
     }
     private let table: [String: Command]
+    /// Run after every command (the server keeps its record of the job current).
+    private let afterCommand: @Sendable () -> Void
 
     public init(filter: MirrorFilter, setup: JobSetup, package: String,
                 nbdTimeout: Double = NBDBlockDevice.defaultTimeout, log: @escaping @Sendable (String) -> Void = { _ in },
-                onQuit: @escaping @Sendable () -> Void) {
+                onQuit: @escaping @Sendable () -> Void, afterCommand: @escaping @Sendable () -> Void = {}) {
+        self.afterCommand = afterCommand
         self.filter = filter
         self.setup = setup
         self.nbdTimeout = nbdTimeout
@@ -246,6 +249,7 @@ public final class QMPCommands: Sendable {
         }
         guard admitted else { return QMPError.generic("The mount is ending: no command is taken").reply(id: nil) }
         defer { activity.withLock { $0.running -= 1 } }
+        defer { afterCommand() }
         return dispatch(frame, session: &session)
     }
 

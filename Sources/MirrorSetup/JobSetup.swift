@@ -7,9 +7,9 @@ import SystemPackage
 /// What a caller asks for when it starts a mirror: `mount --target`, `job start` and QMP
 /// `drive-mirror` all translate into this, so every start path has the same checks, the
 /// same dirty log and the same error texts.
-public struct JobRequest: Sendable {
+public struct JobRequest: Sendable, Codable {
     /// How an existing or missing target file is treated.
-    public enum TargetMode: Sendable {
+    public enum TargetMode: Sendable, Codable {
         /// `mount --target`: create a missing target, reuse one of the source's size.
         case createOrReuse
         /// drive-mirror `absolute-paths`: create it; a path that exists is refused.
@@ -19,7 +19,7 @@ public struct JobRequest: Sendable {
     }
 
     /// Where the job's dirty log lives.
-    public enum StateDirectory: Sendable, Equatable {
+    public enum StateDirectory: Sendable, Equatable, Codable {
         /// Next to a file target; next to the source for an NBD export.
         case automatic
         /// No log: the job is not crash-safe.
@@ -68,6 +68,9 @@ public struct JobSetup: Sendable {
     public let log: @Sendable (String) -> Void
     /// One start at a time: two clients starting at once cannot both pass the checks.
     private let serial = ConditionLock<Void>()
+    /// The request of the last job that started (a server that takes over starts it again).
+    private let lastStarted = ConditionLock<JobRequest?>(nil)
+    public var startedRequest: JobRequest? { lastStarted.withLock { $0 } }
 
     public init(imageName: String, mountpoint: String, bufferPool: AlignedBufferPool,
                 log: @escaping @Sendable (String) -> Void = { _ in }) {
@@ -97,6 +100,7 @@ public struct JobSetup: Sendable {
         let prepared = try preparation.prepare(request, adopting: filter.failedJobLog)
         do {
             let job = try filter.startMirror(to: prepared.target, options: prepared.options, log: prepared.log)
+            lastStarted.withLock { $0 = request }
             log(prepared.summary)
             return job
         } catch {

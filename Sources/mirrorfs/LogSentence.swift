@@ -37,6 +37,8 @@ enum LogSentence {
             return "job '\(device)': an I/O error \(side); \(then) (on-\(operation == "read" ? "source" : "target")-error \(action.rawValue))"
         case .pending:
             return nil
+        case let .serverRestart(restarts, cause, pid):
+            return "a new server (pid \(pid)) took the mount over after \(cause) (restart \(restarts)); requests in flight were sent again"
         case let .autoWriteBlocking(device, seconds, dirtyRate, copyRate):
             return "job '\(device)' did not converge for \(Int(seconds)) s (writes dirtied \(dirtyRate) bytes/s, the copy made \(copyRate) bytes/s): it switched itself to write-blocking (--auto-write-blocking); from now on every write reaches the target before it is acknowledged"
         }

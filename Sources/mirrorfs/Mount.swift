@@ -40,20 +40,28 @@ extension Mirrorfs {
         var logMaxSize: ByteCount = ByteCount(bytes: 16 << 20)
         /// Set by a daemonizing parent: the pipe on which this child reports readiness.
         @Option(help: .hidden) var readyFD: Int32?
+        /// Set by the keeper: its channel, the connection to take over, and how many servers
+        /// came before this one and why the last one ended.
+        @Option(help: .hidden) var keeperFD: Int32?
+        @Option(help: .hidden) var fuseFD: Int32?
+        @Option(help: .hidden) var restarts: Int = 0
+        @Option(help: .hidden) var restartCause: String?
 
         func run() throws {
             // A daemon child reports every failure, its own checks included, to the caller.
             let ready = readyFD.map(ReadyPipe.init(fd:))
-            if ready != nil, let logFile { LogSink.shared.rotate(path: logFile, at: Int(clamping: logMaxSize.bytes)) }
+            let keeper = keeperFD.map(KeeperChannel.init(fd:))
+            if ready != nil || keeper != nil, let logFile { LogSink.shared.rotate(path: logFile, at: Int(clamping: logMaxSize.bytes)) }
             do {
-                try checkAndServe(ready: ready)
+                try checkAndServe(ready: ready, keeper: keeper)
             } catch {
                 ready?.report(failure: "\(error)")
+                keeper?.send("error \(error)")
                 throw error
             }
         }
 
-        private func checkAndServe(ready: ReadyPipe?) throws {
+        private func checkAndServe(ready: ReadyPipe?, keeper: KeeperChannel?) throws {
             let image = try ImageSource.validate(path: source, readOnly: readOnly)
             if job.target == nil && job.hasJobSettings {
                 throw CLIError("job options need --target")
@@ -68,7 +76,10 @@ extension Mirrorfs {
             if let target = job.target, NBDBlockDevice.isURI(target) {
                 do { try NBDBlockDevice.checkURI(target) } catch { throw CLIError(error.description) }
             }
-            let mountDirectory = try MountpointCheck.validate(path: mountpoint)
+            // A server that takes a connection over must not touch the mount: it is the one
+            // that would answer.
+            let mountDirectory = fuseFD != nil ? try MountpointCheck.canonical(path: mountpoint)
+                                               : try MountpointCheck.validate(path: mountpoint)
             let socketPath = try qmp ?? ControlSocket.defaultPath(for: mountDirectory)
             try ControlSocket.validate(path: socketPath)
             // A daemonizing parent checks no further: the daemon does (it alone connects to
@@ -78,37 +89,62 @@ extension Mirrorfs {
                 try Daemon.spawnAndWait(arguments: CommandLine.arguments, mountpoint: mountDirectory, logFile: logFile)
                 return
             }
+            // The mount is held by a keeper, so that a server may die or be replaced under it.
+            let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+            if keeper == nil, let keeperPath = Keeper.locate(executable: executable) {
+                try Keeper.exec(keeperPath, mountpoint: mountDirectory,
+                                serverArguments: [executable] + CommandLine.arguments.dropFirst())
+            }
+            if keeper == nil {
+                Log.info("\(Keeper.name) is not installed beside \(executable): the mount ends with this daemon")
+            }
             try serve(image: image, mountpoint: mountDirectory, mirrorOptions: mirrorOptions,
-                      socketPath: socketPath, ready: ready)
+                      socketPath: socketPath, ready: ready, keeper: keeper)
         }
 
         private func serve(image: ImageSource, mountpoint: String, mirrorOptions: MirrorOptions?,
-                           socketPath: String, ready: ReadyPipe?) throws {
+                           socketPath: String, ready: ReadyPipe?, keeper: KeeperChannel?) throws {
+            let session = try ServerSession(mountpoint: mountpoint)
+            // A takeover continues what the record says; a fresh mount starts a new record.
+            let previous: SessionRecord? = fuseFD != nil ? try session.load() : nil
+            if previous == nil { session.remove() }
             let pool = AlignedBufferPool(bufferSize: FUSEFileSystem.maxWrite)
-            let device: FileBlockDevice
-            do {
-                device = try FileBlockDevice(path: image.path, readOnly: readOnly, bufferPool: pool)
-                try device.lock()
-            } catch let error as ImageLockError {
-                throw CLIError("\(error.description): \(MountTable.holder(of: image.path))")
-            } catch {
-                throw CLIError("cannot open source '\(image.path)': \(error)")
-            }
+            let device = try openServedDevice(image: image, serving: previous?.serving, pool: pool)
             let filter = MirrorFilter(source: device, readOnly: readOnly)
+            for line in session.previousEvents(capacity: filter.events.capacity) { filter.events.append(line) }
             let notify = SystemdNotify.shared
+            let setup = JobSetup(imageName: image.name, mountpoint: mountpoint, bufferPool: pool, log: { Log.info($0) })
+            // What a later server needs, kept current: the job as it runs now, the device served.
+            let sourcePath = image.path
+            let persist: @Sendable () -> Void = {
+                session.update { record in
+                    let served = filter.device.location
+                    record.serving = served == sourcePath ? nil : served
+                    record.job = Self.resumable(filter: filter, setup: setup)
+                }
+            }
             filter.addEventListener { event in
+                session.append(event: event.jsonLine)
                 if let sentence = LogSentence.describe(event, mountpoint: mountpoint) { Log.info(sentence) }
                 if case .statusChange = event.kind { notify.status(ServiceStatus.describe(filter, image: image.name)) }
+                persist()
+            }
+            filter.addPivotListener { target in
+                // The completion is recorded: from here on the image lives in the target.
+                session.update { record in
+                    record.serving = target.location
+                    record.job = nil
+                }
             }
             filter.addDetachListener { detach in
                 Log.info(LogSentence.describe(detach, mountpoint: mountpoint, image: image.name))
                 notify.status(ServiceStatus.describe(filter, image: image.name))
+                persist()
             }
-            let setup = JobSetup(imageName: image.name, mountpoint: mountpoint, bufferPool: pool, log: { Log.info($0) })
             let commands = QMPCommands(filter: filter, setup: setup,
                                        package: "mirrorfs \(Mirrorfs.configuration.version)",
                                        nbdTimeout: nbdTimeout, log: { Log.info($0) },
-                                       onQuit: { kill(getpid(), SIGTERM) })
+                                       onQuit: { kill(getpid(), SIGTERM) }, afterCommand: persist)
             // The socket before the job: a mount that cannot listen leaves no job behind.
             let server: QMPServer
             do {
@@ -116,58 +152,148 @@ extension Mirrorfs {
             } catch {
                 throw CLIError("\(error)")
             }
-            defer { server.removeSocketFile() }
-            filter.addEventListener { server.broadcast($0) }
             var createdTarget: String?
-            if let target = job.target, let mirrorOptions {
+            if let previous {
+                resumeJob(previous.job, setup: setup, filter: filter)
+            } else if let target = job.target, let mirrorOptions {
                 let request = JobRequest(target: target, mode: .createOrReuse, options: mirrorOptions,
                                          stateDirectory: .init(argument: job.stateDir), nbdTimeout: nbdTimeout)
                 let existed = NBDBlockDevice.isURI(target) || access(target, F_OK) == 0
                 do {
                     try setup.start(request, on: filter)
                 } catch {
+                    server.removeSocketFile()
                     throw CLIError(error.description)
                 }
                 if !existed { createdTarget = target }
             }
+            persist()
+            let keeperPID: pid_t? = keeper != nil ? getppid() : nil
+            let takingOver = previous != nil
             let fileSystem = FUSEFileSystem(
                 filter: filter, imageName: image.name, mountpoint: mountpoint, uid: image.uid, gid: image.gid,
                 permissions: image.permissions, readBuffers: pool, controlSocket: socketPath,
-                passDirect: odirect == .passthrough,
+                passDirect: odirect == .passthrough, restarts: restarts, keeper: keeperPID,
                 onReady: {
-                    Log.info("serving \(image.path) as \(mountpoint)/\(image.name) (control socket \(socketPath))")
+                    if takingOver {
+                        Log.info("serving \(filter.device.location) as \(mountpoint)/\(image.name) again (control socket \(socketPath))")
+                    } else {
+                        Log.info("serving \(image.path) as \(mountpoint)/\(image.name) (control socket \(socketPath))")
+                    }
                     ready?.report(success: ())
-                    notify.ready(status: ServiceStatus.describe(filter, image: image.name))
+                    notify.ready(status: ServiceStatus.describe(filter, image: image.name), mainPID: keeperPID ?? getpid())
                 })
             var options = MountOptions(fsName: image.path)
             options.readOnly = readOnly
             options.allowOther = allowOther
-            let session: FUSESession
+            let fuse: FUSESession
             do {
-                session = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options)
+                let takeover = try previous.map { record throws in
+                    guard let fd = fuseFD, !record.initRequest.isEmpty else {
+                        throw CLIError("the server record \(session.path) holds no FUSE_INIT: this connection cannot be taken over")
+                    }
+                    return Takeover(fuseFD: fd, initRequest: record.initRequest)
+                }
+                fuse = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options, takeover: takeover)
             } catch {
+                server.removeSocketFile()
                 abandonJob(filter, createdTarget: createdTarget)
                 throw error
             }
-            let served = Result { try session.run() }
-            notify.stopping()
-            if case .failure = served, !session.didMount {
-                // Not mounted: the job this command started goes, with what it created.
-                abandonJob(filter, createdTarget: createdTarget)
-                try served.get()
+            let restartCount = restarts
+            let cause = restartCause ?? "a restart"
+            let served = Result {
+                try fuse.run(
+                    connected: { fd in try keeper?.sendMounted(fd: fd) },
+                    initialised: {
+                        let request = FUSESession.initRequest, reply = FUSESession.initReply
+                        if let previous {
+                            if !previous.initReply.isEmpty && previous.initReply != reply {
+                                Log.info("this server would negotiate other FUSE parameters than the kernel agreed with the first one; the kernel keeps the first")
+                            }
+                            filter.emit(JobEvent(.serverRestart(restarts: restartCount, cause: cause, pid: getpid())))
+                        } else {
+                            session.update { $0.initRequest = request; $0.initReply = reply }
+                        }
+                        if keeper != nil && !FUSESession.kernelResends {
+                            Log.info("this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux < 6.9): the mount ends with its server")
+                            keeper?.send("no-resend")
+                        }
+                        keeper?.send("serving")
+                    })
             }
+            let end = try? served.get()
+            if end != .handOver { notify.stopping() }
+            if case .failure = served, !fuse.didMount {
+                // Not mounted: the job this command started goes, with what it created.
+                server.removeSocketFile()
+                abandonJob(filter, createdTarget: createdTarget)
+                _ = try served.get()
+            }
+            // A mount to end is detached before anything else, so no request waits on it.
+            if end == .signalled { FUSESession.detach(mountpoint: mountpoint) }
             // A loop that ended with an error still ends the mount cleanly below.
             // No command may start or complete a job while the mount ends.
             server.stop()
             // Leave the images as durable as the unmount implies, and the log a record of it.
             filter.close()
+            if end == .handOver {
+                Log.info("handed \(mountpoint) over to a new server")
+                persist()
+                throw ExitCode(Keeper.handOverStatus)
+            }
+            server.removeSocketFile()
+            session.remove()
             if let job = filter.job {
                 Log.info(LeftBehind.describe(job.info().jsonValue))
             } else if let log = filter.failedJobLog {
                 Log.info("the failed job's dirty log \(log.path) is kept: mounting with --target \(log.targetName) copies what it marks")
             }
             Log.info("unmounted \(mountpoint)")
-            try served.get()
+            _ = try served.get()
+        }
+
+        /// SOURCE, or the device a pivot moved the image to (a server taking over).
+        private func openServedDevice(image: ImageSource, serving: String?, pool: AlignedBufferPool) throws -> any BlockDevice {
+            if let serving, NBDBlockDevice.isURI(serving) {
+                do { return try NBDBlockDevice(uri: serving, timeout: nbdTimeout) } catch {
+                    throw CLIError("cannot reach '\(serving)', which the image is served from: \(error)")
+                }
+            }
+            let path = serving ?? image.path
+            do {
+                let device = try FileBlockDevice(path: path, readOnly: readOnly, bufferPool: pool)
+                try device.lock()
+                return device
+            } catch let error as ImageLockError {
+                throw CLIError("\(error.description): \(MountTable.holder(of: path))")
+            } catch {
+                throw CLIError("cannot open source '\(path)': \(error)")
+            }
+        }
+
+        /// The running job as a request a new server starts again: the same target and
+        /// options, its copy mode and speed as they are now; nil once it is ending.
+        static func resumable(filter: MirrorFilter, setup: JobSetup) -> JobRequest? {
+            guard let job = filter.job, var request = setup.startedRequest, request.options.jobID == job.id else { return nil }
+            let info = job.info()
+            guard ![.aborting, .concluded, .null, .undefined].contains(info.status) else { return nil }
+            request.options.copyMode = info.copyMode
+            request.options.speed = info.speed
+            if !NBDBlockDevice.isURI(request.target) { request.mode = .existing }
+            return request
+        }
+
+        /// A taking-over server starts the job again from its dirty log; one that cannot
+        /// resume is logged, and the image is served without it (nothing acknowledged is lost:
+        /// the source holds every write).
+        private func resumeJob(_ request: JobRequest?, setup: JobSetup, filter: MirrorFilter) {
+            guard let request else { return }
+            do {
+                try setup.start(request, on: filter)
+            } catch {
+                Log.info("job '\(request.options.jobID)' could not resume in the new server: \(error.description); the image is served without it")
+            }
         }
     }
 }
@@ -250,6 +376,23 @@ enum ControlSocket {
 
 /// MOUNTPOINT must be an existing, empty directory; returns its canonical path.
 enum MountpointCheck {
+    /// The canonical path without looking at the mountpoint itself (a mount whose server
+    /// died would hold the look until a new server answers it: this one).
+    /// (No Foundation URL here: URL(fileURLWithPath:) stats the path.)
+    static func canonical(path: String) throws -> String {
+        var trimmed = Substring(path)
+        while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
+        let slash = trimmed.lastIndex(of: "/")
+        let parentPath = slash.map { $0 == trimmed.startIndex ? "/" : String(trimmed[..<$0]) } ?? "."
+        let name = slash.map { String(trimmed[trimmed.index(after: $0)...]) } ?? String(trimmed)
+        guard let parent = realpath(parentPath, nil) else {
+            throw CLIError("mountpoint '\(path)': \(String(cString: strerror(errno)))")
+        }
+        defer { free(parent) }
+        let base = String(cString: parent)
+        return (base == "/" ? "" : base) + "/" + name
+    }
+
     static func validate(path: String) throws -> String {
         var st = stat()
         guard stat(path, &st) == 0 else {

@@ -23,7 +23,7 @@ final class SystemdNotify: Sendable {
     var isEnabled: Bool { address != nil }
 
     /// The mount and the control socket are usable.
-    func ready(status: String) { send("READY=1\nSTATUS=\(status)\nMAINPID=\(getpid())") }
+    func ready(status: String, mainPID: pid_t = getpid()) { send("READY=1\nSTATUS=\(status)\nMAINPID=\(mainPID)") }
 
     /// A line for `systemctl status`.
     func status(_ text: String) { send("STATUS=\(text)") }

@@ -27,11 +27,18 @@ int clinux_ofd_unlock(int fd, off_t start);
 /// `start` (F_OFD_GETLK for a write lock): 1 yes, 0 no, -1 with errno on failure.
 int clinux_ofd_byte_locked_by_others(int fd, off_t start);
 
-/// The handlers now installed for SIGINT, SIGTERM and SIGHUP (libfuse's, which only flag
+/// The handlers now installed for SIGINT, SIGTERM and SIGHUP (and SIGUSR1, see below) (libfuse's, which only flag
 /// the session as exited) run on the calling thread, the one that waits in the FUSE loop:
 /// a signal the kernel gives to any other thread (a job's, the log writer's) is sent on
 /// to it, so the loop always wakes. 0, or -1 with errno.
 int clinux_route_exit_signals_to_this_thread(void);
+/// Whether SIGINT, SIGTERM or SIGHUP ended the loop (1), and whether SIGUSR1 asked for a
+/// hand-over to a new server (1): SIGUSR1 is routed as the others are and ends the loop.
+int clinux_exit_signal_received(void);
+int clinux_hand_over_requested(void);
+/// One datagram `text` on a unix socket, with descriptor `fd` attached (SCM_RIGHTS) unless
+/// it is -1. 0, or -1 with errno.
+int clinux_send_text_and_fd(int socket, const char *text, int fd);
 /// tgkill(2): `signal` to one thread `tid` of process `pid` (tests).
 int clinux_tgkill(pid_t pid, pid_t tid, int signal);
 
