@@ -14,7 +14,7 @@ extension Mirrorfs {
                 print("no mirrorfs mounts")
                 return
             }
-            var rows = [["MOUNTPOINT", "IMAGE", "SERVING", "PID", "JOB"]]
+            var rows = [["MOUNTPOINT", "IMAGE", "SERVING", "PID", "RESTARTS", "JOB"]]
             for mount in mounts {
                 rows.append(Self.row(for: mount))
             }
@@ -31,11 +31,11 @@ extension Mirrorfs {
             let path = mount.mountpoint
             switch MountTable.readRootAttribute(RootAttribute.pid, of: path, timeout: 2) {
             case .failed(ENOTCONN):
-                return [path, image, "-", "-", "daemon gone: 'mirrorfs mount \(mount.source) \(path)' mounts it again"]
+                return [path, image, "-", "-", "-", "daemon gone: 'mirrorfs mount \(mount.source) \(path)' mounts it again"]
             case .failed(let reason):
-                return [path, image, "-", "-", "unreadable: \(String(cString: strerror(reason)))"]
+                return [path, image, "-", "-", "-", "unreadable: \(String(cString: strerror(reason)))"]
             case .timedOut:
-                return [path, image, "-", "-", "not answering (the daemon may be stopped)"]
+                return [path, image, "-", "-", "-", "not answering (the daemon may be stopped)"]
             case .value(let pid):
                 let serving = MountTable.rootAttribute(RootAttribute.serving, of: path, timeout: 2) ?? "?"
                 let job: String
@@ -45,7 +45,8 @@ extension Mirrorfs {
                 } catch {
                     job = "? (\(error))"
                 }
-                return [path, image, serving, pid, job]
+                let restarts = MountTable.rootAttribute(RootAttribute.restarts, of: path, timeout: 2) ?? "0"
+                return [path, image, serving, pid, restarts, job]
             }
         }
 

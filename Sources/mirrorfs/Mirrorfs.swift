@@ -7,7 +7,7 @@ struct Mirrorfs: ParsableCommand {
         commandName: "mirrorfs",
         abstract: "Serve a raw disk image through FUSE and mirror it live to a target image.",
         version: "\(BuildInfo.version) (commit \(BuildInfo.commit))",
-        subcommands: [Mount.self, Status.self, Job.self, Unmount.self, List.self]
+        subcommands: [Mount.self, Status.self, Job.self, Unmount.self, Restart.self, List.self]
     )
 }
 

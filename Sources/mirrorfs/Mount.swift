@@ -206,14 +206,21 @@ extension Mirrorfs {
                 try fuse.run(
                     connected: { fd in try keeper?.sendMounted(fd: fd) },
                     initialised: {
-                        let request = FUSESession.initRequest, reply = FUSESession.initReply
+                        let request = FUSESession.initRequest
                         if let previous {
+                            filter.emit(JobEvent(.serverRestart(restarts: restartCount, cause: cause, pid: getpid())))
+                        } else {
+                            session.update { $0.initRequest = request }
+                        }
+                        // libfuse answers the INIT after this callback (a replay's answer is
+                        // dropped): the first server keeps it, a later one compares.
+                        Thread.detachNewThread {
+                            for _ in 0..<1000 where FUSESession.initReply.isEmpty { usleep(1000) }
+                            let reply = FUSESession.initReply
+                            guard let previous else { return session.update { $0.initReply = reply } }
                             if !previous.initReply.isEmpty && previous.initReply != reply {
                                 Log.info("this server would negotiate other FUSE parameters than the kernel agreed with the first one; the kernel keeps the first")
                             }
-                            filter.emit(JobEvent(.serverRestart(restarts: restartCount, cause: cause, pid: getpid())))
-                        } else {
-                            session.update { $0.initRequest = request; $0.initReply = reply }
                         }
                         if keeper != nil && !FUSESession.kernelResends {
                             Log.info("this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux < 6.9): the mount ends with its server")
@@ -240,7 +247,8 @@ extension Mirrorfs {
             if end == .handOver {
                 Log.info("handed \(mountpoint) over to a new server")
                 persist()
-                throw ExitCode(Keeper.handOverStatus)
+                Log.drain()
+                Foundation.exit(Keeper.handOverStatus)
             }
             server.removeSocketFile()
             session.remove()

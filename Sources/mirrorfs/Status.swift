@@ -26,7 +26,7 @@ extension Mirrorfs {
                 if json {
                     print(job?.compactText ?? "null")
                 } else if let job {
-                    print(StatusLine.render(job, imageSize: imageSize, width: StatusLine.width()))
+                    print(StatusLine.render(job, imageSize: imageSize, width: StatusLine.width()) + StatusLine.server(mountpoint: mountpoint))
                 } else {
                     print(StatusLine.noJob(mountpoint: mountpoint))
                 }
@@ -201,7 +201,14 @@ enum StatusLine {
     static func noJob(mountpoint: String) -> String {
         let serving = try? ControlClient.rootAttribute(RootAttribute.serving, of: mountpoint)
         let image = imageName(in: mountpoint).map { "\(mountpoint)/\($0)" } ?? mountpoint
-        return "no job; \(image) serves \(serving ?? "its source")"
+        return "no job; \(image) serves \(serving ?? "its source")" + server(mountpoint: mountpoint)
+    }
+
+    /// "; server pid P, N restarts" when the mount's server was ever replaced.
+    static func server(mountpoint: String) -> String {
+        guard let restarts = (try? ControlClient.rootAttribute(RootAttribute.restarts, of: mountpoint)).flatMap(Int.init), restarts > 0,
+              let pid = try? ControlClient.rootAttribute(RootAttribute.pid, of: mountpoint) else { return "" }
+        return "; server pid \(pid), \(restarts) restart\(restarts == 1 ? "" : "s")"
     }
 
     /// The terminal's width, asked at every redraw (a resized window gets a line that fits);
