@@ -103,6 +103,9 @@ public struct MirrorOptions: Sendable, Codable {
     /// `--auto-write-blocking`: seconds a background job may go without converging before
     /// it switches itself to write-blocking (nil: never).
     public var autoWriteBlockingAfter: Double?
+    /// The ranges (offset, length pairs) a previous server had not yet copied when it handed
+    /// the job over cleanly; used only with a log whose record says it stopped cleanly.
+    public var handOverRanges: [UInt64]?
     public static let defaultAutoWriteBlockingAfter: Double = 10
 
     public init(jobID: String) { self.jobID = jobID }

@@ -157,6 +157,11 @@ extension MirrorJob {
                 s.enterReady()
                 s.activelySynced = true
             }
+        } else if options.resumeFromLog, let pairs = options.handOverRanges {
+            // A hand-over: the previous server's own bitmap, finer than the log's regions.
+            locked { s in
+                for i in stride(from: 0, to: pairs.count - 1, by: 2) { s.markDirty(offset: pairs[i], length: pairs[i + 1]) }
+            }
         } else if options.resumeFromLog, let log {
             let ranges = log.loggedRanges(imageSize: size)
             locked { s in for r in ranges { s.markDirty(offset: r.offset, length: r.length) } }

@@ -119,6 +119,24 @@ public final class MirrorJob: Sendable {
         state.withLock(waiting: { s in s.backgroundOps > 0 ? .wait(timeout: nil) : .done(()) })
     }
 
+    /// After `stopForShutdown`: every range the target may still lack (dirty or in flight),
+    /// as offset/length pairs, for the server that takes the job over.
+    public func unsyncedRanges() -> [UInt64] {
+        state.withLock { s in
+            var pairs: [UInt64] = []
+            var chunk = 0
+            let granularity = s.dirty.granularity
+            while chunk < s.dirty.chunkCount {
+                guard s.dirty.isDirty(chunk) || s.inFlight.isDirty(chunk) else { chunk += 1; continue }
+                let first = chunk
+                while chunk < s.dirty.chunkCount && (s.dirty.isDirty(chunk) || s.inFlight.isDirty(chunk)) { chunk += 1 }
+                let offset = UInt64(first) * granularity
+                pairs += [offset, min(UInt64(chunk) * granularity, size) - offset]
+            }
+            return pairs
+        }
+    }
+
     // MARK: - Queries
 
     public var status: JobStatus { state.withLock { $0.status } }

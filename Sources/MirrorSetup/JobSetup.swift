@@ -341,6 +341,9 @@ private struct Preparation {
     private func openLog(at path: String, target: any BlockDevice, existed: Bool, adopting failedLog: DirtyLog?,
                          options: inout MirrorOptions) throws(JobError) -> DirtyLog {
         let identity = DirtyLog.Identity(source: source, target: target)
+        // A hand-over's bitmap counts only beside the clean stop it was taken at (below).
+        let handOver = options.handOverRanges
+        options.handOverRanges = nil
         let name = options.targetName ?? ""
         let wholeImage = options.sync == .full
         if let failedLog, failedLog.path == path, existed, failedLog.identity == identity,
@@ -372,6 +375,13 @@ private struct Preparation {
                         reason = "the source changed while it was not served: full copy"
                     } else if targetStamp.nanoseconds != 0, let now = target.changeStamp, now != targetStamp {
                         reason = "the target changed while it was not served: full copy"
+                    } else if let pairs = handOver {
+                        options.handOverRanges = pairs
+                        try begin(log)
+                        options.resumeFromLog = true
+                        options.resyncBytes = stride(from: 1, to: pairs.count, by: 2).reduce(0) { $0 + pairs[$1] }
+                        options.resyncReason = "resumed from the previous server's bitmap after a hand-over"
+                        return log
                     } else {
                         try begin(log)
                         return resumed(log, reason: "resumed from the dirty log after a clean unmount", options: &options)

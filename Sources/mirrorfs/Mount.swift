@@ -207,7 +207,7 @@ extension Mirrorfs {
                     connected: { fd in try keeper?.sendMounted(fd: fd) },
                     initialised: {
                         let request = FUSESession.initRequest
-                        if let previous {
+                        if previous != nil {
                             filter.emit(JobEvent(.serverRestart(restarts: restartCount, cause: cause, pid: getpid())))
                         } else {
                             session.update { $0.initRequest = request }
@@ -245,8 +245,14 @@ extension Mirrorfs {
             // Leave the images as durable as the unmount implies, and the log a record of it.
             filter.close()
             if end == .handOver {
+                // The job's own bitmap, exact now that no request is served: the next server
+                // copies only what this one had not (the log's regions are coarser).
+                let unsynced = filter.job?.unsyncedRanges()
+                session.update { record in
+                    record.job = Self.resumable(filter: filter, setup: setup)
+                    record.job?.options.handOverRanges = unsynced
+                }
                 Log.info("handed \(mountpoint) over to a new server")
-                persist()
                 Log.drain()
                 Foundation.exit(Keeper.handOverStatus)
             }
@@ -286,6 +292,8 @@ extension Mirrorfs {
             guard let job = filter.job, var request = setup.startedRequest, request.options.jobID == job.id else { return nil }
             let info = job.info()
             guard ![.aborting, .concluded, .null, .undefined].contains(info.status) else { return nil }
+            // A hand-over's bitmap is for the one server after it (written at the hand-over).
+            request.options.handOverRanges = nil
             request.options.copyMode = info.copyMode
             request.options.speed = info.speed
             if !NBDBlockDevice.isURI(request.target) { request.mode = .existing }

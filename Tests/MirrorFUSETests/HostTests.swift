@@ -449,7 +449,7 @@ final class ExitSignalTests: XCTestCase {
         // The threads of one daemon (a job runs, so its threads exist too).
         let probe = try Mount(source: source, at: try scratch.directory("probe"), extra: ["--target", scratch.file("probe.raw")])
         waitReady(probe.mountpoint)
-        let count = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(probe.process.processIdentifier)/task").count
+        let count = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(probe.serverPID)/task").count
         XCTAssertEqual(probe.stop(), 0)
         XCTAssertGreaterThan(count, 3)
         // Each thread by its place in the list: a fresh daemon for every one.
@@ -458,7 +458,7 @@ final class ExitSignalTests: XCTestCase {
             let mount = try Mount(source: source, at: try scratch.directory("mnt\(index)"),
                                   extra: ["--target", scratch.file("t\(index).raw")])
             waitReady(mount.mountpoint)
-            let pid = mount.process.processIdentifier
+            let pid = mount.serverPID
             // Threads that block SIGTERM (libfuse's workers) never get a process's signal.
             let threads = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")
                 .compactMap { Int32($0) }.filter { $0 != pid && !blocksSIGTERM(pid, $0) }.sorted()

@@ -35,8 +35,16 @@ final class SafetyTests: XCTestCase {
         return entries.compactMap { Int32($0) }.filter { pid in
             guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
             let argv = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
-            return argv.count > 3 && argv[0].hasSuffix("mirrorfs") && argv[1] == "mount" && argv.contains(mountpoint)
+            let server = argv.count > 3 && argv[0].hasSuffix("mirrorfs") && argv[1] == "mount"
+            let keeper = argv.count > 3 && argv[0].hasSuffix("mirrorfs-keeper")
+            return (server || keeper) && argv.contains(mountpoint)
         }
+        // Keepers first: a server killed before its keeper would be started again.
+        .sorted { a, b in isKeeper(a) && !isKeeper(b) }
+    }
+
+    private func isKeeper(_ pid: Int32) -> Bool {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe"))?.hasSuffix("mirrorfs-keeper") ?? false
     }
 
     private func killDaemon(_ mountpoint: String) {
@@ -623,8 +631,9 @@ final class ControlDeadlineTests: XCTestCase {
         let scratch = try Scratch()
         let source = try scratch.image("disk.raw", size: 8 << 20)
         let mount = try Mount(source: source, at: try scratch.directory("mnt"))
-        kill(mount.process.processIdentifier, SIGSTOP)
-        defer { kill(mount.process.processIdentifier, SIGCONT) }
+        let server = mount.serverPID
+        kill(server, SIGSTOP)
+        defer { kill(server, SIGCONT) }
         let started = Date()
         let result = try execute(mirrorfsBinary, ["status", mount.mountpoint, "--json"], timeout: 90)
         let took = Date().timeIntervalSince(started)
@@ -632,7 +641,7 @@ final class ControlDeadlineTests: XCTestCase {
         XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
         XCTAssertTrue(result.stderr.contains("does not answer"), result.stderr)
         XCTAssertLessThan(took, 60, "the CLI waited past its deadline")
-        kill(mount.process.processIdentifier, SIGCONT)
+        kill(server, SIGCONT)
         XCTAssertEqual(mount.stop(), 0)
     }
 }

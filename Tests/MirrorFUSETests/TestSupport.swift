@@ -138,6 +138,15 @@ func isMounted(_ path: String) -> Bool {
     return table.split(separator: "\n").contains { $0.split(separator: " ").dropFirst(4).first.map(String.init) == path }
 }
 
+/// The children of `pid` (/proc's list, every thread's).
+func childPIDs(of pid: pid_t) -> [pid_t] {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+    return tasks.flatMap { task in
+        ((try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/children", encoding: .utf8)) ?? "")
+            .split(separator: " ").compactMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+}
+
 /// A `mirrorfs mount` running in the foreground as a child of the test, unmounted
 /// (and waited for) at the end of the test.
 final class Mount {
@@ -168,10 +177,25 @@ final class Mount {
         }
     }
 
-    /// Sends `signal` and waits for the daemon to exit; returns its exit status.
+    /// The serving daemon: the child of the keeper this command became.
+    var serverPID: pid_t {
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            if let pid = childPIDs(of: process.processIdentifier).first { return pid }
+            usleep(10_000)
+        }
+        return process.processIdentifier
+    }
+
+    /// Sends `signal` and waits for the daemon to exit; returns its exit status. SIGKILL
+    /// kills the keeper and then its server: the whole daemon dies, as in a host's OOM or
+    /// a service manager's kill, and the mount is left stale.
     @discardableResult
     func stop(signal: Int32 = SIGTERM) -> Int32 {
-        if process.isRunning { kill(process.processIdentifier, signal) }
+        guard process.isRunning else { return waitForExit() }
+        let server = signal == SIGKILL ? childPIDs(of: process.processIdentifier) : []
+        kill(process.processIdentifier, signal)
+        for pid in server { kill(pid, SIGKILL) }
         return waitForExit()
     }
 
