@@ -43,6 +43,16 @@ final class PackageTests: XCTestCase {
         try check(binary, ["mount", source, mountpoint, "--target", target, "--daemonize", "--log-file", scratch.file("log")])
         defer { if isMounted(mountpoint) { _ = try? execute(binary, ["unmount", mountpoint]) } }
         try check("qemu-io", ["-f", "raw", "-t", "none", "-c", "write -P 0x6b 8M 1M", mountpoint + "/disk.raw"])
+        // The packaged keeper (libc only) holds the mount: a server killed is replaced.
+        let keeper = root + "/usr/libexec/mirrorfs/mirrorfs-keeper"
+        let keeperLibraries = try check("objdump", ["-p", keeper]).split(separator: "\n").filter { $0.contains("NEEDED") }
+        XCTAssertEqual(keeperLibraries.map { $0.split(separator: " ").last.map(String.init) ?? "" }, ["libc.so.6"], "\(keeperLibraries)")
+        let server = try check(binary, ["list"]).split(separator: "\n").first { $0.hasPrefix(mountpoint + " ") }?
+            .split(separator: " ", omittingEmptySubsequences: true).dropFirst(3).first.flatMap { pid_t($0) }
+        XCTAssertNotNil(server)
+        if let server { kill(server, SIGKILL) }
+        try check("qemu-io", ["-f", "raw", "-t", "none", "-c", "write -P 0x6c 9M 1M", mountpoint + "/disk.raw"])
+        XCTAssertTrue(try check(binary, ["status", mountpoint]).contains("1 restart"))
         waitReady(mountpoint)
         XCTAssertTrue(try check(binary, ["job", "complete", mountpoint]).contains("pivoted:"))
         try check(binary, ["unmount", mountpoint])
