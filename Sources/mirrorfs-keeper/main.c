@@ -301,8 +301,11 @@ int main(int argc, char **argv) {
     // After an upgrade /proc/self/exe names the replaced file.
     char *deleted = strstr(self_path, " (deleted)");
     if (deleted) *deleted = 0;
-    for (int j = 0; j + 1 < server_argc; j++)
-        if (strcmp(server_argv[j], "--ready-fd") == 0) ready_fd = number(server_argv[j + 1]);
+    // The caller's ready pipe belongs to the first server only; a keeper run again
+    // (channel given) closed it long ago, and its number may be another descriptor now.
+    if (channel < 0)
+        for (int j = 0; j + 1 < server_argc; j++)
+            if (strcmp(server_argv[j], "--ready-fd") == 0) ready_fd = number(server_argv[j + 1]);
 
     sigset_t handled;
     sigemptyset(&handled);

@@ -100,9 +100,42 @@ final class RestartTests: XCTestCase {
         XCTAssertTrue(old.stdout.contains("Pattern verification failed"), "the source is not written after the pivot")
     }
 
-    private func rootAttribute(_ mount: Mount, _ name: String) -> String? {
+    /// A daemonized mount (its keeper once held the caller's ready pipe) handed over twice
+    /// (the keeper runs its binary again each time), then killed: a new server each time.
+    func testADaemonizedMountSurvivesRestartsAndThenAKill() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 16 << 20, randomPieces: [(0, 2 << 20)])
+        let mnt = try scratch.directory("mnt")
+        try check(mirrorfsBinary, ["mount", source, mnt, "--daemonize", "--log-file", scratch.file("log")])
+        defer { if isMounted(mnt) { _ = try? execute(mirrorfsBinary, ["unmount", mnt]) } }
+        for round in 1...2 {
+            let said = try check(mirrorfsBinary, ["restart", mnt])
+            XCTAssertTrue(said.contains("is served by a new server") && said.contains("restart \(round)"), said)
+        }
+        let before = rootAttribute(mnt, "pid")
+        kill(pid_t(before ?? "0") ?? 0, SIGKILL)
+        XCTAssertTrue(waitUntil("a server after the kill") { rootAttribute(mnt, "pid").map { $0 != before } ?? false })
+        XCTAssertEqual(rootAttribute(mnt, "restarts"), "3")
+        try check("qemu-io", ["-f", "raw", "-c", "write -P 0x55 1M 1M", mnt + "/disk.raw"])
+        try check(mirrorfsBinary, ["unmount", mnt])
+        XCTAssertFalse(isMounted(mnt))
+        let log = try String(contentsOfFile: scratch.file("log"), encoding: .utf8)
+        XCTAssertFalse(log.contains("cannot start the server"), log)
+    }
+
+    /// `restart` on what is not a mirrorfs mount: one line, nothing signalled.
+    func testRestartOfANonMountSaysSo() throws {
+        let scratch = try Scratch()
+        let result = try execute(mirrorfsBinary, ["restart", try scratch.directory("plain")])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertEqual(result.stderr, "mirrorfs: error: '\(scratch.file("plain"))' is not a mirrorfs mount\n")
+    }
+
+    private func rootAttribute(_ mount: Mount, _ name: String) -> String? { rootAttribute(mount.mountpoint, name) }
+
+    private func rootAttribute(_ mountpoint: String, _ name: String) -> String? {
         var value = [UInt8](repeating: 0, count: 4096)
-        let n = clinux_getxattr(mount.mountpoint, "user.mirrorfs." + name, &value, UInt(value.count))
+        let n = clinux_getxattr(mountpoint, "user.mirrorfs." + name, &value, UInt(value.count))
         return n >= 0 ? String(decoding: value.prefix(n), as: UTF8.self) : nil
     }
 }
