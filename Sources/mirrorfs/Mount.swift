@@ -104,7 +104,7 @@ extension Mirrorfs {
 
         private func serve(image: ImageSource, mountpoint: String, mirrorOptions: MirrorOptions?,
                            socketPath: String, ready: ReadyPipe?, keeper: KeeperChannel?) throws {
-            let session = try ServerSession(mountpoint: mountpoint)
+            let session = ServerSession(socketPath: socketPath)
             // A takeover continues what the record says; a fresh mount starts a new record.
             let previous: SessionRecord? = fuseFD != nil ? try session.load() : nil
             if previous == nil { session.remove() }

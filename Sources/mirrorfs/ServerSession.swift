@@ -4,8 +4,8 @@ import MirrorCore
 import MirrorFUSE
 import MirrorSetup
 
-/// What a server that takes a mount over needs from the one before it (SPEC 11), kept in
-/// the runtime directory beside the control socket: the kernel's FUSE_INIT and the reply
+/// What a server that takes a mount over needs from the one before it (SPEC 11), kept
+/// beside the control socket: the kernel's FUSE_INIT and the reply
 /// the first server made, what the image is served from, the job to resume, and the
 /// events so far. Written whole (a new file renamed over the old) whenever it changes.
 struct SessionRecord: Codable, Equatable {
@@ -26,8 +26,9 @@ final class ServerSession: Sendable {
     let eventsPath: String
     private let current = ConditionLock<SessionRecord>(SessionRecord())
 
-    init(mountpoint: String) throws {
-        let base = try RuntimeDirectory.path() + "/" + RuntimeDirectory.name(for: mountpoint, suffix: "")
+    /// Beside the mount's control socket (`S.qmp` → `S.session`, `S.events`).
+    init(socketPath: String) {
+        let base = socketPath.hasSuffix(".qmp") ? String(socketPath.dropLast(4)) : socketPath
         path = base + ".session"
         eventsPath = base + ".events"
     }
