@@ -152,6 +152,7 @@ extension Mirrorfs {
             } catch {
                 throw CLIError("\(error)")
             }
+            filter.addEventListener { server.broadcast($0) }
             var createdTarget: String?
             if let previous {
                 resumeJob(previous.job, setup: setup, filter: filter)

@@ -116,7 +116,7 @@ final class ControlTests: XCTestCase {
         sendText(fd, #"{"execute":"block-job-cancel","arguments":{"device":"disk.raw","force":true}}"#)
         XCTAssertEqual(readReply(fd), #"{"return": {}}"#)
 
-        let pid = mount.process.processIdentifier
+        let pid = mount.serverPID
         // A message without end: refused at the cap (1 MiB) and the client dropped.
         let huge = try connect(socket)
         _ = readLine(huge)

@@ -235,13 +235,13 @@ final class ListTests: XCTestCase {
         waitReady(one.mountpoint)
         try check(mirrorfsBinary, ["job", "complete", one.mountpoint])
         let table = try check(mirrorfsBinary, ["list"]).split(separator: "\n").map(String.init)
-        XCTAssertEqual(table.first?.split(separator: " ", omittingEmptySubsequences: true), ["MOUNTPOINT", "IMAGE", "SERVING", "PID", "JOB"])
+        XCTAssertEqual(table.first?.split(separator: " ", omittingEmptySubsequences: true), ["MOUNTPOINT", "IMAGE", "SERVING", "PID", "RESTARTS", "JOB"])
         let rowOne = table.first { $0.hasPrefix(one.mountpoint + " ") }
         let rowTwo = table.first { $0.hasPrefix(two.mountpoint + " ") }
         XCTAssertEqual(rowOne?.split(separator: " ", omittingEmptySubsequences: true).map(String.init),
-                       [one.mountpoint, "first.raw", target, "\(one.process.processIdentifier)", "none"], table.joined(separator: "\n"))
+                       [one.mountpoint, "first.raw", target, "\(one.serverPID)", "0", "none"], table.joined(separator: "\n"))
         XCTAssertEqual(rowTwo?.split(separator: " ", omittingEmptySubsequences: true).map(String.init),
-                       [two.mountpoint, "second.raw", second, "\(two.process.processIdentifier)", "none"], table.joined(separator: "\n"))
+                       [two.mountpoint, "second.raw", second, "\(two.serverPID)", "0", "none"], table.joined(separator: "\n"))
         XCTAssertEqual(one.stop(), 0)
         XCTAssertEqual(two.stop(), 0)
     }
