@@ -48,7 +48,7 @@ static int served_since_start = 0;
 static int resend_supported = 1;
 static int stopping = 0;
 static int ready_fd = -1;      // the daemonizing caller's pipe: the first server's only
-static char last_error[512];
+static char last_error[600];
 static time_t restart_times[MAX_RESTARTS_PER_WINDOW];
 static char **server_argv;
 static int server_argc;
@@ -203,14 +203,14 @@ static void server_ended(int status) {
     int planned = WIFEXITED(status) && WEXITSTATUS(status) == EXIT_HANDOVER;
     if (!planned && !resend_supported)
         give_up("the server died and this kernel cannot resend its requests (no FUSE_HAS_RESEND): the mount ends with it");
-    char cause[700];
+    char cause[800];
     if (planned) snprintf(cause, sizeof cause, "planned restart");
     else if (last_error[0]) snprintf(cause, sizeof cause, "the server %s: %s", how, last_error);
     else snprintf(cause, sizeof cause, "the server %s", how);
     if (!planned && !served_since_start) {
         start_failures++;
         if (start_failures >= MAX_START_FAILURES) {
-            char why[900];
+            char why[1000];
             snprintf(why, sizeof why, "the server failed to start %d times in a row (last: %s)", start_failures, cause + 11);
             give_up(why);
         }
@@ -219,7 +219,7 @@ static void server_ended(int status) {
         while (nanosleep(&pause, &pause) != 0 && errno == EINTR) {}
     }
     if (restart_rate_exceeded()) {
-        char why[900];
+        char why[1000];
         snprintf(why, sizeof why, "the server was restarted %d times within %d s (last: %s)", MAX_RESTARTS_PER_WINDOW, RATE_WINDOW, cause);
         give_up(why);
     }
