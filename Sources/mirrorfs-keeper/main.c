@@ -47,19 +47,27 @@ static int start_failures = 0;
 static int served_since_start = 0;
 static int resend_supported = 1;
 static int stopping = 0;
+static int hand_over_pending = 0;  // asked while the server was not serving yet
 static int ready_fd = -1;      // the daemonizing caller's pipe: the first server's only
 static char last_error[600];
 static time_t restart_times[MAX_RESTARTS_PER_WINDOW];
 static char **server_argv;
 static int server_argc;
 
+// One log line, as the server writes its own: `2025-01-31T12:00:00Z mirrorfs-keeper[PID]: …`.
 static void say(const char *format, ...) {
-    char line[1024];
+    char line[1200];
+    time_t now = time(NULL);
+    struct tm utc;
+    gmtime_r(&now, &utc);
+    int head = (int)strftime(line, 32, "%Y-%m-%dT%H:%M:%SZ", &utc);
+    head += snprintf(line + head, 48, " mirrorfs-keeper[%d]: ", (int)getpid());
     va_list args;
     va_start(args, format);
-    int n = vsnprintf(line, sizeof line - 1, format, args);
+    int n = vsnprintf(line + head, sizeof line - 1 - (size_t)head, format, args);
     va_end(args);
     if (n < 0) return;
+    n += head;
     if (n > (int)sizeof line - 2) n = sizeof line - 2;
     line[n++] = '\n';
     // Never fatal: a closed or full log loses the line.
@@ -80,7 +88,7 @@ static void unmount_now(void) {
     if (!mountpoint) return;
     if (geteuid() == 0) {
         if (umount2(mountpoint, MNT_DETACH) != 0 && errno != EINVAL && errno != ENOENT)
-            say("mirrorfs: cannot unmount %s: %s", mountpoint, strerror(errno));
+            say("cannot unmount %s: %s", mountpoint, strerror(errno));
         return;
     }
     pid_t pid;
@@ -146,7 +154,7 @@ static int start_server(const char *cause) {
     free(argv);
     if (error != 0) {
         server = 0;
-        say("mirrorfs: cannot start the server %s: %s", server_argv[0], strerror(error));
+        say("cannot start the server %s: %s", server_argv[0], strerror(error));
         return -1;
     }
     served_since_start = 0;
@@ -154,6 +162,8 @@ static int start_server(const char *cause) {
     if (ready_fd >= 0) { close(ready_fd); ready_fd = -1; }
     return 0;
 }
+
+static void hand_over(void);
 
 // One message from the server: "mounted" with the descriptor, "serving", "no-resend", "error TEXT".
 static void read_channel(void) {
@@ -171,7 +181,11 @@ static void read_channel(void) {
             if (fuse_fd < 0 && strcmp(text, "mounted") == 0) fuse_fd = fd; else close(fd);
         }
     }
-    if (strcmp(text, "serving") == 0) { served_since_start = 1; start_failures = 0; }
+    if (strcmp(text, "serving") == 0) {
+        served_since_start = 1;
+        start_failures = 0;
+        if (hand_over_pending) { hand_over_pending = 0; hand_over(); }
+    }
     else if (strcmp(text, "no-resend") == 0) resend_supported = 0;
     else if (strncmp(text, "error ", 6) == 0) snprintf(last_error, sizeof last_error, "%s", text + 6);
 }
@@ -187,7 +201,7 @@ static int restart_rate_exceeded(void) {
 
 static void give_up(const char *why) {
     unmount_now();
-    say("mirrorfs: %s; unmounted %s", why, mountpoint);
+    say("%s; unmounted %s", why, mountpoint);
     finish(1);
 }
 
@@ -224,7 +238,7 @@ static void server_ended(int status) {
         give_up(why);
     }
     restarts++;
-    say("mirrorfs: %s; starting a new server (restart %d)", cause, restarts);
+    say("%s; starting a new server (restart %d)", cause, restarts);
     if (start_server(cause) != 0) give_up("no server could be started");
 }
 
@@ -256,38 +270,44 @@ static void reexec_self(void) {
     fcntl(channel, F_SETFD, 0);
     fcntl(server_end, F_SETFD, 0);
     execv(self_path, argv);
-    say("mirrorfs: cannot run the keeper %s again (%s); handing over with this one", self_path, strerror(errno));
+    say("cannot run the keeper %s again (%s); handing over with this one", self_path, strerror(errno));
     fcntl(fuse_fd, F_SETFD, FD_CLOEXEC);
     fcntl(channel, F_SETFD, FD_CLOEXEC);
     fcntl(server_end, F_SETFD, FD_CLOEXEC);
     free(argv);
 }
 
+static void hand_over(void) {
+    say("planned restart of the server (pid %d)", (int)server);
+    reexec_self();
+    kill(server, SIGUSR1);
+}
+
 static int number(const char *text) {
     char *end;
     long value = strtol(text, &end, 10);
     if (*text == 0 || *end != 0 || value < 0 || value > INT_MAX) {
-        say("mirrorfs-keeper: not a number: '%s'", text);
+        say("not a number: '%s'", text);
         exit(2);
     }
     return (int)value;
 }
 
 int main(int argc, char **argv) {
-    int hand_over = 0;
+    int asked_to_hand_over = 0;
     int i = 1;
     for (; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--") == 0) { i++; break; }
-        if (i + 1 >= argc && strcmp(a, "--hand-over") != 0) { say("mirrorfs-keeper: %s needs a value", a); return 2; }
+        if (i + 1 >= argc && strcmp(a, "--hand-over") != 0) { say("%s needs a value", a); return 2; }
         if (strcmp(a, "--mountpoint") == 0) mountpoint = argv[++i];
         else if (strcmp(a, "--fuse-fd") == 0) fuse_fd = number(argv[++i]);
         else if (strcmp(a, "--channel-fd") == 0) channel = number(argv[++i]);
         else if (strcmp(a, "--server-end-fd") == 0) server_end = number(argv[++i]);
         else if (strcmp(a, "--server-pid") == 0) server = number(argv[++i]);
         else if (strcmp(a, "--restarts") == 0) restarts = number(argv[++i]);
-        else if (strcmp(a, "--hand-over") == 0) hand_over = 1;
-        else { say("mirrorfs-keeper: unknown option '%s'", a); return 2; }
+        else if (strcmp(a, "--hand-over") == 0) asked_to_hand_over = 1;
+        else { say("unknown option '%s'", a); return 2; }
     }
     if (!mountpoint || i >= argc) {
         say("usage: mirrorfs-keeper --mountpoint DIR -- SERVER ARGS...");
@@ -314,12 +334,12 @@ int main(int argc, char **argv) {
     sigprocmask(SIG_BLOCK, &handled, NULL);
     signal(SIGPIPE, SIG_IGN);
     int signals_fd = signalfd(-1, &handled, SFD_CLOEXEC);
-    if (signals_fd < 0) { say("mirrorfs-keeper: signalfd: %s", strerror(errno)); return 1; }
+    if (signals_fd < 0) { say("signalfd: %s", strerror(errno)); return 1; }
 
     if (channel < 0) {
         int pair[2];
         if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
-            say("mirrorfs-keeper: socketpair: %s", strerror(errno));
+            say("socketpair: %s", strerror(errno));
             return 1;
         }
         channel = pair[0];
@@ -329,14 +349,14 @@ int main(int argc, char **argv) {
         fcntl(fuse_fd, F_SETFD, FD_CLOEXEC);
         fcntl(channel, F_SETFD, FD_CLOEXEC);
         fcntl(server_end, F_SETFD, FD_CLOEXEC);
-        if (hand_over && server > 0) kill(server, SIGUSR1);
+        if (asked_to_hand_over && server > 0) kill(server, SIGUSR1);
     }
 
     for (;;) {
         struct pollfd fds[2] = { { .fd = signals_fd, .events = POLLIN }, { .fd = channel, .events = POLLIN } };
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR) continue;
-            say("mirrorfs-keeper: poll: %s", strerror(errno));
+            say("poll: %s", strerror(errno));
             finish(1);
         }
         if (fds[1].revents & POLLIN) read_channel();
@@ -356,10 +376,10 @@ int main(int argc, char **argv) {
             break;
         }
         case SIGUSR1:
+            // A server that is still starting has no handler for it yet: it hands over
+            // once it serves.
             if (server > 0 && fuse_fd >= 0 && !stopping) {
-                say("mirrorfs: planned restart of the server (pid %d)", (int)server);
-                reexec_self();
-                kill(server, SIGUSR1);
+                if (served_since_start) hand_over(); else hand_over_pending = 1;
             }
             break;
         default:

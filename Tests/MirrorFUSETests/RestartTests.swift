@@ -36,7 +36,7 @@ final class RestartTests: XCTestCase {
         XCTAssertFalse(isMounted(mount.mountpoint))
         let stderr = String(decoding: mount.stderrPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         let last = stderr.split(separator: "\n").last.map(String.init) ?? ""
-        XCTAssertTrue(last.hasPrefix("mirrorfs: the server failed to start 5 times in a row"), stderr)
+        XCTAssertTrue(last.contains(" mirrorfs-keeper[\(mount.process.processIdentifier)]: the server failed to start 5 times in a row"), stderr)
         XCTAssertTrue(last.contains("No such file or directory") && last.contains("unmounted \(mount.mountpoint)"), last)
         XCTAssertEqual(stderr.components(separatedBy: "starting a new server").count - 1, 5, stderr)
     }
@@ -121,6 +121,23 @@ final class RestartTests: XCTestCase {
         XCTAssertFalse(isMounted(mnt))
         let log = try String(contentsOfFile: scratch.file("log"), encoding: .utf8)
         XCTAssertFalse(log.contains("cannot start the server"), log)
+    }
+
+    /// A hand-over asked while a new server is still starting (right after a kill) waits
+    /// until that server serves: it is not killed by the request (no SIGUSR1 death).
+    func testAHandOverAskedWhileAServerStartsWaitsForIt() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 16 << 20, randomPieces: [(0, 2 << 20)])
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"))
+        kill(mount.serverPID, SIGKILL)
+        usleep(5_000)
+        kill(mount.process.processIdentifier, SIGUSR1)
+        XCTAssertTrue(waitUntil("two restarts") { rootAttribute(mount, "restarts") == "2" })
+        try check("qemu-io", ["-f", "raw", "-c", "write -P 0x66 0 64k", mount.image])
+        XCTAssertEqual(mount.stop(), 0)
+        let stderr = String(decoding: mount.stderrPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertFalse(stderr.contains("SIGUSR1"), stderr)
+        XCTAssertTrue(stderr.contains("planned restart of the server"), stderr)
     }
 
     /// `restart` on what is not a mirrorfs mount: one line, nothing signalled.
