@@ -50,6 +50,9 @@ static int stopping = 0;
 static int hand_over_pending = 0;  // asked while the server was not serving yet
 static int ready_fd = -1;      // the daemonizing caller's pipe: the first server's only
 static char last_error[600];
+// Files a server keeps beside its control socket, removed when the mount ends without it.
+enum { MAX_LEFT = 4 };
+static char left_behind[MAX_LEFT][600];
 static time_t restart_times[MAX_RESTARTS_PER_WINDOW];
 static char **server_argv;
 static int server_argc;
@@ -97,6 +100,11 @@ static void unmount_now(void) {
         int status;
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
     }
+}
+
+// The mount ends while no server can clean up after itself (its socket, its record).
+static void remove_left_behind(void) {
+    for (int i = 0; i < MAX_LEFT; i++) if (left_behind[i][0]) unlink(left_behind[i]);
 }
 
 static void finish(int code) {
@@ -187,6 +195,12 @@ static void read_channel(void) {
         if (hand_over_pending) { hand_over_pending = 0; hand_over(); }
     }
     else if (strcmp(text, "no-resend") == 0) resend_supported = 0;
+    else if (strncmp(text, "file ", 5) == 0) {
+        for (int i = 0; i < MAX_LEFT; i++) {
+            if (strcmp(left_behind[i], text + 5) == 0) break;
+            if (left_behind[i][0] == 0) { snprintf(left_behind[i], sizeof left_behind[i], "%s", text + 5); break; }
+        }
+    }
     else if (strncmp(text, "error ", 6) == 0) snprintf(last_error, sizeof last_error, "%s", text + 6);
 }
 
@@ -201,6 +215,7 @@ static int restart_rate_exceeded(void) {
 
 static void give_up(const char *why) {
     unmount_now();
+    remove_left_behind();
     say("%s; unmounted %s", why, mountpoint);
     finish(1);
 }
@@ -211,7 +226,7 @@ static void server_ended(int status) {
     server = 0;
     if (stopping || fuse_fd < 0 || (WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
         // The end of the mount, or a first start that failed (the server said why).
-        if (fuse_fd >= 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) unmount_now();
+        if (fuse_fd >= 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) { unmount_now(); remove_left_behind(); }
         finish(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
     }
     int planned = WIFEXITED(status) && WEXITSTATUS(status) == EXIT_HANDOVER;

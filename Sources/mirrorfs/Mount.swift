@@ -227,6 +227,8 @@ extension Mirrorfs {
                             Log.info("this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux < 6.9): the mount ends with its server")
                             keeper?.send("no-resend")
                         }
+                        // What the keeper removes if the mount ends with no server to do it.
+                        for file in [socketPath, session.path, session.eventsPath] { keeper?.send("file " + file) }
                         keeper?.send("serving")
                     })
             }

@@ -30,6 +30,7 @@ final class RestartTests: XCTestCase {
         let scratch = try Scratch()
         let source = try scratch.image("disk.raw", size: 8 << 20, randomPieces: [(0, 1 << 20)])
         let mount = try Mount(source: source, at: try scratch.directory("mnt"))
+        let socket = try XCTUnwrap(rootAttribute(mount, "qmp"))
         try FileManager.default.moveItem(atPath: source, toPath: scratch.file("moved.raw"))
         kill(mount.serverPID, SIGKILL)
         XCTAssertEqual(mount.waitForExit(timeout: 30), 1)
@@ -39,6 +40,11 @@ final class RestartTests: XCTestCase {
         XCTAssertTrue(last.contains(" mirrorfs-keeper[\(mount.process.processIdentifier)]: the server failed to start 5 times in a row"), stderr)
         XCTAssertTrue(last.contains("No such file or directory") && last.contains("unmounted \(mount.mountpoint)"), last)
         XCTAssertEqual(stderr.components(separatedBy: "starting a new server").count - 1, 5, stderr)
+        // Nothing of the dead servers stays beside the control socket.
+        let base = String(socket.dropLast(".qmp".count))
+        for file in [socket, base + ".session", base + ".events"] {
+            XCTAssertFalse(FileManager.default.fileExists(atPath: file), file)
+        }
     }
 
     /// After kill -9: the root names the new server and the restart, `status` and `list`
