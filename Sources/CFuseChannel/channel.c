@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include "cfusechannel.h"
 
@@ -32,6 +33,7 @@ enum {
 
 static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gate_open = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t reply_made = PTHREAD_COND_INITIALIZER;
 static atomic_int readers_released = 0;
 // 1 while the replayed INIT has not been handed out yet.
 static atomic_int replay_pending = 0;
@@ -102,7 +104,10 @@ ssize_t cfc_writev(int fd, struct iovec *iov, int count, void *userdata) {
                 if (total + iov[i].iov_len <= RECORD_MAX) memcpy(init_reply + total, iov[i].iov_base, iov[i].iov_len);
                 total += iov[i].iov_len;
             }
+            pthread_mutex_lock(&gate_lock);
             atomic_store(&init_reply_len, total <= RECORD_MAX ? total : 1);
+            pthread_cond_broadcast(&reply_made);
+            pthread_mutex_unlock(&gate_lock);
             // The kernel answered its INIT long ago: this reply is for no request.
             if (replay_unique != 0) return (ssize_t)total;
         }
@@ -116,7 +121,18 @@ size_t cfc_recorded_init(void *out, size_t cap) {
     return init_request_len;
 }
 
-size_t cfc_recorded_init_reply(void *out, size_t cap) {
+size_t cfc_recorded_init_reply(void *out, size_t cap, int wait_ms) {
+    if (wait_ms > 0 && atomic_load(&init_reply_len) == 0) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += wait_ms / 1000;
+        deadline.tv_nsec += (long)(wait_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
+        pthread_mutex_lock(&gate_lock);
+        while (atomic_load(&init_reply_len) == 0)
+            if (pthread_cond_timedwait(&reply_made, &gate_lock, &deadline) != 0) break;
+        pthread_mutex_unlock(&gate_lock);
+    }
     size_t len = atomic_load(&init_reply_len);
     if (len <= 1 || len > cap) return 0;
     memcpy(out, init_reply, len);
@@ -128,11 +144,6 @@ static const struct kernel_init_in *init_arguments(const void *init, size_t len)
     const struct kernel_in_header *in = init;
     if (in->opcode != KERNEL_FUSE_INIT) return NULL;
     return (const struct kernel_init_in *)((const unsigned char *)init + sizeof(struct kernel_in_header));
-}
-
-uint32_t cfc_init_version(const void *init, size_t len) {
-    const struct kernel_init_in *arg = init_arguments(init, len);
-    return arg ? (arg->major << 16 | (arg->minor & 0xffff)) : 0;
 }
 
 int cfc_init_offers_resend(const void *init, size_t len) {

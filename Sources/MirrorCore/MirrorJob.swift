@@ -108,11 +108,15 @@ public final class MirrorJob: Sendable {
     public func abandon() { try? apply(.cancel(force: true, keepLog: true)) }
 
     private func apply(_ request: VerbRequest) throws(JobError) {
-        // A resume lets the target reconnect at once before any copy or write can reach it:
-        // the locked section below wakes them, and the listeners it delivers to may be slow.
-        // (Harmless when the verb is refused: it only allows the next request to reconnect.)
-        if case .resume = request { target.retryNow() }
-        _ = try locked { (s) throws(JobError) in try s.apply(request) }
+        var effect = VerbEffect.none
+        defer {
+            // A resumed target may reconnect at once, before the wake lets any copy or
+            // write reach it (and before the events' listeners, which may be slow).
+            if effect == .retryTarget { target.retryNow() }
+            wake(Wake.allCases)
+            deliverEvents()
+        }
+        effect = try state.withLock { (s) throws(JobError) in try s.apply(request) }
     }
 
     /// The mount ends: no new background copies; returns once those running are done,

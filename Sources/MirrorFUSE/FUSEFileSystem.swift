@@ -199,12 +199,16 @@ public final class FUSEFileSystem: Sendable {
     /// handle opened under an earlier server gets a snapshot of now.
     func statusSnapshot(_ handle: UInt64, of node: Node, offset: Int, size: Int) -> [UInt8]? {
         guard handle & Self.statusHandleBit != 0 else { return nil }
-        let fresh = statusSnapshots.withLock { $0.contents[handle] == nil } ? statusContent(of: node) : nil
-        return statusSnapshots.withLock { state in
-            if let fresh, state.contents[handle] == nil { state.contents[handle] = fresh }
-            guard let content = state.contents[handle] else { return nil }
+        func slice(_ content: [UInt8]) -> [UInt8] {
             let start = min(max(offset, 0), content.count)
             return Array(content[start..<min(start + size, content.count)])
+        }
+        if let bytes = statusSnapshots.withLock({ $0.contents[handle].map(slice) }) { return bytes }
+        // (Taken outside the lock: the content reads the job.)
+        let fresh = statusContent(of: node)
+        return statusSnapshots.withLock { state in
+            if state.contents[handle] == nil { state.contents[handle] = fresh }
+            return state.contents[handle].map(slice)
         }
     }
 

@@ -74,8 +74,11 @@ public final class FUSESession {
     /// (One session per process: the channel's record is the process's.)
     /// The INIT this connection was initialised with (the kernel's, or the replayed one).
     public static var initRequest: [UInt8] { Self.recorded(cfc_recorded_init) }
-    /// libfuse's reply to it (for a replay: what it would have answered).
-    public static var initReply: [UInt8] { Self.recorded(cfc_recorded_init_reply) }
+    /// libfuse's reply to it (for a replay: what it would have answered). libfuse sends it
+    /// after the init callback: this waits for it, at most `seconds`.
+    public static func initReply(waiting seconds: Double) -> [UInt8] {
+        Self.recorded { cfc_recorded_init_reply($0, $1, Int32(seconds * 1000)) }
+    }
     /// Whether the kernel can resend the requests a dead server had read (FUSE_HAS_RESEND).
     public static var kernelResends: Bool {
         let bytes = initRequest
@@ -120,10 +123,10 @@ public final class FUSESession {
 
     /// Mounts (or takes the connection over), serves requests until the connection ends or
     /// a signal ends the loop, and says which. The mount is left in place: `detach` ends it.
-    /// `connected` gets the descriptor before any request is read (the keeper's copy);
-    /// `initialised` runs in the init callback once the session is initialised, before any
-    /// other request is served (a takeover has the kernel resend first).
-    public func run(connected: (Int32) throws -> Void, initialised: @escaping @Sendable () -> Void) throws -> SessionEnd {
+    /// `connected` gets the descriptor before any request is read (the keeper's copy). In
+    /// the init callback, before the file system's `onReady`, a takeover has the kernel
+    /// resend, and the other readers go on.
+    public func run(connected: (Int32) throws -> Void) throws -> SessionEnd {
         guard fuse_set_signal_handlers(session) == 0 else {
             throw FUSEError(description: "cannot install signal handlers")
         }
@@ -158,7 +161,6 @@ public final class FUSESession {
         SessionInitialisation.shared.set {
             if resend { _ = cfc_notify_resend(fd) }
             cfc_release_readers()
-            initialised()
         }
         let config = fuse_loop_cfg_create()
         defer { fuse_loop_cfg_destroy(config) }

@@ -378,10 +378,9 @@ private struct Preparation {
                     } else if let pairs = handOver {
                         options.handOverRanges = pairs
                         try begin(log)
-                        options.resumeFromLog = true
-                        options.resyncBytes = stride(from: 1, to: pairs.count, by: 2).reduce(0) { $0 + pairs[$1] }
-                        options.resyncReason = "resumed from the previous server's bitmap after a hand-over"
-                        return log
+                        let bytes = stride(from: 1, to: pairs.count, by: 2).reduce(0) { $0 + pairs[$1] }
+                        return resumed(log, reason: "resumed from the previous server's bitmap after a hand-over",
+                                       bytes: bytes, options: &options)
                     } else {
                         try begin(log)
                         return resumed(log, reason: "resumed from the dirty log after a clean unmount", options: &options)
@@ -409,10 +408,10 @@ private struct Preparation {
         do { try log.begin() } catch { throw JobError("cannot write dirty log '\(log.path)': \(error)") }
     }
 
-    private func resumed(_ log: DirtyLog, reason: String, options: inout MirrorOptions) -> DirtyLog {
-        let ranges = log.loggedRanges(imageSize: source.size)
+    /// `bytes`: what the resume copies (default: the regions the log marks).
+    private func resumed(_ log: DirtyLog, reason: String, bytes: UInt64? = nil, options: inout MirrorOptions) -> DirtyLog {
         options.resumeFromLog = true
-        options.resyncBytes = ranges.reduce(0) { $0 + $1.length }
+        options.resyncBytes = bytes ?? log.loggedRanges(imageSize: source.size).reduce(0) { $0 + $1.length }
         options.resyncReason = reason
         return log
     }

@@ -174,13 +174,13 @@ static int start_server(const char *cause) {
 static void hand_over(void);
 
 // One message from the server: "mounted" with the descriptor, "serving", "no-resend", "error TEXT".
-static void read_channel(void) {
+static int read_message(void) {
     char text[600];
     char control[CMSG_SPACE(sizeof(int))];
     struct iovec iov = { .iov_base = text, .iov_len = sizeof text - 1 };
     struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control };
     ssize_t n = recvmsg(channel, &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-    if (n <= 0) return;
+    if (n <= 0) return 0;
     text[n] = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&message); c; c = CMSG_NXTHDR(&message, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
@@ -202,6 +202,12 @@ static void read_channel(void) {
         }
     }
     else if (strncmp(text, "error ", 6) == 0) snprintf(last_error, sizeof last_error, "%s", text + 6);
+    return 1;
+}
+
+// Every message queued (a server says several things before it dies).
+static void read_channel(void) {
+    while (read_message()) {}
 }
 
 static int restart_rate_exceeded(void) {
@@ -232,15 +238,17 @@ static void server_ended(int status) {
     int planned = WIFEXITED(status) && WEXITSTATUS(status) == EXIT_HANDOVER;
     if (!planned && !resend_supported)
         give_up("the server died and this kernel cannot resend its requests (no FUSE_HAS_RESEND): the mount ends with it");
-    char cause[800];
+    // What happened to it ("killed by signal 9 (SIGKILL)[: its last error]"), and the cause.
+    char happened[720], cause[800];
+    if (last_error[0]) snprintf(happened, sizeof happened, "%s: %s", how, last_error);
+    else snprintf(happened, sizeof happened, "%s", how);
     if (planned) snprintf(cause, sizeof cause, "planned restart");
-    else if (last_error[0]) snprintf(cause, sizeof cause, "the server %s: %s", how, last_error);
-    else snprintf(cause, sizeof cause, "the server %s", how);
+    else snprintf(cause, sizeof cause, "the server %s", happened);
     if (!planned && !served_since_start) {
         start_failures++;
         if (start_failures >= MAX_START_FAILURES) {
             char why[1000];
-            snprintf(why, sizeof why, "the server failed to start %d times in a row (last: %s)", start_failures, cause + 11);
+            snprintf(why, sizeof why, "the server failed to start %d times in a row (last: %s)", start_failures, happened);
             give_up(why);
         }
         // 100, 200, 400, 800 ms between failed starts.

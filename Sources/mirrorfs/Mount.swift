@@ -170,13 +170,40 @@ extension Mirrorfs {
             }
             persist()
             let keeperPID: pid_t? = keeper != nil ? getppid() : nil
-            let takingOver = previous != nil
+            let restartCount = restarts
+            let cause = restartCause ?? "a restart"
+            // In the init callback: the connection is this server's now.
+            let connectionReady: @Sendable () -> Void = {
+                if previous != nil {
+                    filter.emit(JobEvent(.serverRestart(restarts: restartCount, cause: cause, pid: getpid())))
+                } else {
+                    let request = FUSESession.initRequest
+                    session.update { $0.initRequest = request }
+                }
+                // libfuse answers the INIT after this callback (a replay's answer is
+                // dropped): the first server keeps it, a later one compares.
+                Thread.detachNewThread {
+                    let reply = FUSESession.initReply(waiting: 1)
+                    guard let previous else { return session.update { $0.initReply = reply } }
+                    if !previous.initReply.isEmpty && previous.initReply != reply {
+                        Log.info("this server would negotiate other FUSE parameters than the kernel agreed with the first one; the kernel keeps the first")
+                    }
+                }
+                if keeper != nil && !FUSESession.kernelResends {
+                    Log.info("this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux < 6.9): the mount ends with its server")
+                    keeper?.send("no-resend")
+                }
+                // What the keeper removes if the mount ends with no server to do it.
+                for file in [socketPath, session.path, session.eventsPath] { keeper?.send("file " + file) }
+                keeper?.send("serving")
+            }
             let fileSystem = FUSEFileSystem(
                 filter: filter, imageName: image.name, mountpoint: mountpoint, uid: image.uid, gid: image.gid,
                 permissions: image.permissions, readBuffers: pool, controlSocket: socketPath,
                 passDirect: odirect == .passthrough, restarts: restarts, keeper: keeperPID,
                 onReady: {
-                    if takingOver {
+                    connectionReady()
+                    if previous != nil {
                         Log.info("serving \(filter.device.location) as \(mountpoint)/\(image.name) again (control socket \(socketPath))")
                     } else {
                         Log.info("serving \(image.path) as \(mountpoint)/\(image.name) (control socket \(socketPath))")
@@ -201,37 +228,7 @@ extension Mirrorfs {
                 abandonJob(filter, createdTarget: createdTarget)
                 throw error
             }
-            let restartCount = restarts
-            let cause = restartCause ?? "a restart"
-            let served = Result {
-                try fuse.run(
-                    connected: { fd in try keeper?.sendMounted(fd: fd) },
-                    initialised: {
-                        let request = FUSESession.initRequest
-                        if previous != nil {
-                            filter.emit(JobEvent(.serverRestart(restarts: restartCount, cause: cause, pid: getpid())))
-                        } else {
-                            session.update { $0.initRequest = request }
-                        }
-                        // libfuse answers the INIT after this callback (a replay's answer is
-                        // dropped): the first server keeps it, a later one compares.
-                        Thread.detachNewThread {
-                            for _ in 0..<1000 where FUSESession.initReply.isEmpty { usleep(1000) }
-                            let reply = FUSESession.initReply
-                            guard let previous else { return session.update { $0.initReply = reply } }
-                            if !previous.initReply.isEmpty && previous.initReply != reply {
-                                Log.info("this server would negotiate other FUSE parameters than the kernel agreed with the first one; the kernel keeps the first")
-                            }
-                        }
-                        if keeper != nil && !FUSESession.kernelResends {
-                            Log.info("this kernel cannot resend FUSE requests (no FUSE_HAS_RESEND, Linux < 6.9): the mount ends with its server")
-                            keeper?.send("no-resend")
-                        }
-                        // What the keeper removes if the mount ends with no server to do it.
-                        for file in [socketPath, session.path, session.eventsPath] { keeper?.send("file " + file) }
-                        keeper?.send("serving")
-                    })
-            }
+            let served = Result { try fuse.run(connected: { fd in try keeper?.sendMounted(fd: fd) }) }
             let end = try? served.get()
             if end != .handOver { notify.stopping() }
             if case .failure = served, !fuse.didMount {

@@ -8,7 +8,7 @@ import MirrorSetup
 /// beside the control socket: the kernel's FUSE_INIT and the reply
 /// the first server made, what the image is served from, the job to resume, and the
 /// events so far. Written whole (a new file renamed over the old) whenever it changes.
-struct SessionRecord: Codable, Equatable {
+struct SessionRecord: Codable {
     var initRequest: [UInt8] = []
     var initReply: [UInt8] = []
     /// The device served when it is not SOURCE (the target after a pivot).
@@ -16,15 +16,13 @@ struct SessionRecord: Codable, Equatable {
     /// The running job's request, with its copy mode and speed as they are now.
     var job: JobRequest?
 
-    static func == (a: SessionRecord, b: SessionRecord) -> Bool {
-        (try? JSONEncoder().encode(a)) == (try? JSONEncoder().encode(b))
-    }
 }
 
 final class ServerSession: Sendable {
     let path: String
     let eventsPath: String
-    private let current = ConditionLock<SessionRecord>(SessionRecord())
+    /// The record, and the bytes last written for it.
+    private let current = ConditionLock<(record: SessionRecord, written: Data?)>((SessionRecord(), nil))
 
     /// Beside the mount's control socket (`S.qmp` → `S.session`, `S.events`).
     init(socketPath: String) {
@@ -40,7 +38,7 @@ final class ServerSession: Sendable {
         }
         do {
             let record = try JSONDecoder().decode(SessionRecord.self, from: data)
-            current.withLock { $0 = record }
+            current.withLock { $0 = (record, data) }
             return record
         } catch {
             throw CLIError("the server record \(path) is unreadable: \(error)")
@@ -50,12 +48,9 @@ final class ServerSession: Sendable {
     /// Changes the record and writes it when it changed. A failure is logged: the mount
     /// goes on, only a later takeover would lack it.
     func update(_ change: (inout SessionRecord) -> Void) {
-        current.withLock { record in
-            var next = record
-            change(&next)
-            guard next != record else { return }
-            record = next
-            guard let data = try? JSONEncoder().encode(next) else { return }
+        current.withLock { current in
+            change(&current.record)
+            guard let data = try? JSONEncoder().encode(current.record), data != current.written else { return }
             let temporary = path + ".new"
             let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             guard fd >= 0 else { return Log.info("cannot write the server record \(temporary): \(String(cString: strerror(errno)))") }
@@ -65,6 +60,7 @@ final class ServerSession: Sendable {
                 unlink(temporary)
                 return Log.info("cannot write the server record \(path): \(String(cString: strerror(errno)))")
             }
+            current.written = data
         }
     }
 

@@ -90,7 +90,9 @@ final class ControlTests: XCTestCase {
 
     func testBadInputGetsQEMUsErrorsAndNeitherTheDaemonNorTheMountSuffers() throws {
         let scratch = try Scratch()
-        let source = try scratch.image("disk.raw", size: 16 << 20, randomPieces: [(0, 1 << 20)])
+        // Data in two copy operations apart: at speed 1 the second waits for days, so the
+        // job is still running when `complete` comes (one piece would be copied at once).
+        let source = try scratch.image("disk.raw", size: 16 << 20, randomPieces: [(0, 1 << 20), (8 << 20, 1 << 20)])
         let socket = scratch.file("qmp.sock")
         let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--qmp", socket])
         let fd = try negotiated(socket)

@@ -23,13 +23,12 @@ ssize_t cfc_writev(int fd, struct iovec *iov, int count, void *userdata);
 /// From the init callback (libfuse has marked the session initialised): readers go on.
 void cfc_release_readers(void);
 /// The FUSE_INIT request read from the kernel (or replayed), and the reply libfuse made
-/// for it: bytes copied into `out` (at most `cap`), 0 while there is none.
+/// for it (sent after the init callback: waits up to `wait_ms` for it): bytes copied into
+/// `out` (at most `cap`), 0 while there is none.
 size_t cfc_recorded_init(void *out, size_t cap);
-size_t cfc_recorded_init_reply(void *out, size_t cap);
+size_t cfc_recorded_init_reply(void *out, size_t cap, int wait_ms);
 /// Whether an INIT request says the kernel can resend (protocol >= 7.40, FUSE_HAS_RESEND).
 int cfc_init_offers_resend(const void *init, size_t len);
-/// The protocol version an INIT request carries (major << 16 | minor), 0 if too short.
-uint32_t cfc_init_version(const void *init, size_t len);
 /// FUSE_NOTIFY_RESEND on `fd`: 0, or -1 with errno.
 int cfc_notify_resend(int fd);
 
