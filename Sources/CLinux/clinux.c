@@ -5,6 +5,8 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <errno.h>
+#include <linux/aio_abi.h>
 #include <linux/falloc.h>
 #include <spawn.h>
 #include <sys/xattr.h>
@@ -121,4 +123,46 @@ int clinux_send_text_and_fd(int socket, const char *text, int fd) {
 
 int clinux_tgkill(pid_t pid, pid_t tid, int signal) {
     return (int)syscall(SYS_tgkill, pid, tid, signal);
+}
+
+int clinux_aio_setup(unsigned depth, unsigned long *context) {
+    aio_context_t ctx = 0;
+    if (syscall(SYS_io_setup, depth, &ctx) != 0) return -errno;
+    *context = (unsigned long)ctx;
+    return 0;
+}
+
+void clinux_aio_destroy(unsigned long context) {
+    syscall(SYS_io_destroy, (aio_context_t)context);
+}
+
+int clinux_aio_submit_pwrite(unsigned long context, int fd, const void *buffer, unsigned long count,
+                             long long offset, unsigned long long tag) {
+    // The kernel copies the control block during the call: it may live on the stack.
+    struct iocb cb;
+    memset(&cb, 0, sizeof cb);
+    cb.aio_data = tag;
+    cb.aio_lio_opcode = IOCB_CMD_PWRITE;
+    cb.aio_fildes = (unsigned)fd;
+    cb.aio_buf = (unsigned long long)(unsigned long)buffer;
+    cb.aio_nbytes = count;
+    cb.aio_offset = offset;
+    struct iocb *list[1] = { &cb };
+    long n;
+    do { n = syscall(SYS_io_submit, (aio_context_t)context, 1L, list); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    return n == 1 ? 0 : -EAGAIN;
+}
+
+int clinux_aio_wait(unsigned long context, int max, unsigned long long *tags, long long *results) {
+    struct io_event events[16];
+    if (max > 16) max = 16;
+    long n;
+    do { n = syscall(SYS_io_getevents, (aio_context_t)context, 1L, (long)max, events, NULL); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    for (long i = 0; i < n; i++) {
+        tags[i] = events[i].data;
+        results[i] = events[i].res;
+    }
+    return (int)n;
 }

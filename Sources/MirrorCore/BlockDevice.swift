@@ -23,6 +23,11 @@ public protocol BlockDevice: AnyObject, Sendable {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno) -> Int
     /// Writes all of `buffer` at `offset`; the range lies inside the device.
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno)
+    /// Writes all of `buffer` at `offset` while `meanwhile` runs on the calling thread, when
+    /// the device can take the write asynchronously; returns `meanwhile`'s result and the
+    /// write's failure, if any. Nil, with `meanwhile` not run, when it cannot.
+    func write<T>(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy,
+                  alongside meanwhile: () -> T) -> (T, Errno?)?
     /// Makes completed writes durable.
     func flush(dataOnly: Bool) throws(Errno)
     /// Deallocates the range; it reads back as zeroes afterwards.
@@ -50,6 +55,8 @@ public protocol BlockDevice: AnyObject, Sendable {
 }
 
 extension BlockDevice {
+    public func write<T>(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy,
+                         alongside meanwhile: () -> T) -> (T, Errno?)? { nil }
     public func retryNow() {}
     public var changeStamp: ChangeStamp? { nil }
     public func fileSystemStatistics() -> statvfs? { nil }

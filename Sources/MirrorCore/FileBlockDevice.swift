@@ -119,6 +119,34 @@ public final class FileBlockDevice: BlockDevice {
         try system_pwriteFully(cachedFD, buffer, at: offset).get()
     }
 
+    /// An O_DIRECT request goes through the thread's Linux AIO context: submitted, then
+    /// `meanwhile` runs, then the completion is reaped. Anything else (a cached request, an
+    /// unaligned range, no AIO context) is nil: the caller writes another way.
+    public func write<T>(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy,
+                         alongside meanwhile: () -> T) -> (T, Errno?)? {
+        precondition(offset + UInt64(buffer.count) <= size, "write past the device's end")
+        guard let fd = directDescriptor(cache, offset: offset, count: buffer.count), let aio = ThreadAIO.current else {
+            return nil
+        }
+        func submit(_ aligned: UnsafeRawBufferPointer) -> (T, Errno?)? {
+            guard let (result, written) = aio.write(fd, aligned, at: offset, meanwhile: meanwhile) else { return nil }
+            switch written {
+            case .failure(let errno): return (result, errno)
+            case .success(0): return (result, .noSpace)
+            case .success(let n) where n < aligned.count:
+                // Short (the file system ran out of space part way): the rest the usual way.
+                let rest = UnsafeRawBufferPointer(rebasing: aligned[n...])
+                return (result, system_pwriteFully(cachedFD, rest, at: offset + UInt64(n)).failure)
+            case .success: return (result, nil)
+            }
+        }
+        if Self.isAligned(buffer.baseAddress) { return submit(buffer) }
+        return bounce.withBuffer(count: buffer.count) { aligned in
+            aligned.baseAddress!.copyMemory(from: buffer.baseAddress!, byteCount: buffer.count)
+            return submit(UnsafeRawBufferPointer(aligned))
+        }
+    }
+
     /// Takes QEMU's image locks on the file for as long as the device lives (`ImageLock`).
     public func lock() throws(ImageLockError) {
         try ImageLock.acquire(fd: cachedFD, path: path, writable: !isReadOnly)

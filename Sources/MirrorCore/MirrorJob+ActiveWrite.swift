@@ -190,8 +190,12 @@ extension MirrorJob {
         let sourceFailure: Errno?
         if op.targetPart.isEmpty {
             sourceFailure = writeSource()
+        } else if let (source, target) = writeTargetAsynchronously(write, at: offset, part: op.targetPart, cache: cache,
+                                                                   alongside: writeSource) {
+            // do_sync_target_write, submitted to the kernel before the source write.
+            (sourceFailure, targetFailure) = (source, target)
         } else {
-            // do_sync_target_write, alongside the source write.
+            // do_sync_target_write on this thread's companion, alongside the source write.
             let part = op.targetPart
             sourceFailure = Companion.current.run(writeSource, alongside: {
                 targetFailure = Result { () throws(Errno) in
@@ -214,6 +218,17 @@ extension MirrorJob {
         if events { deliverEvents() }
         if let sourceFailure { throw sourceFailure }
         return .done
+    }
+
+    /// Data that is not all zero, to a target that takes writes asynchronously (an O_DIRECT
+    /// file): its part is in the kernel's queue while `writeSource` runs. Nil, with
+    /// nothing done, otherwise (zeroes go to the target as write-zeroes).
+    private func writeTargetAsynchronously(_ write: ImageWrite, at offset: UInt64, part: Range<UInt64>, cache: CachePolicy,
+                                           alongside writeSource: () -> Errno?) -> (Errno?, Errno?)? {
+        guard case .data(let buffer) = write else { return nil }
+        let slice = UnsafeRawBufferPointer(rebasing: buffer[Int(part.lowerBound)..<Int(part.upperBound)])
+        guard !isAllZero(slice) else { return nil }
+        return target.write(slice, at: offset + part.lowerBound, cache: cache, alongside: writeSource)
     }
 
     /// active_write_prepare: admitted (held while the job converges or lets go) and, when

@@ -35,6 +35,35 @@ final class FileBlockDeviceTests: XCTestCase {
         }
     }
 
+    func testAWriteAlongsideRunsInTheKernelWhileTheCallerWorksAndOnlyWhenDirect() throws {
+        let pool = AlignedBufferPool(bufferSize: 1 << 20)
+        let device = try FileBlockDevice(path: makeFile(size: 1 << 20), readOnly: false, bufferPool: pool)
+        // An unaligned buffer (bounced) and an aligned one, both O_DIRECT and aligned in the file.
+        let unaligned = [UInt8](repeating: 0x5a, count: 8192 + 1)
+        let aligned = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 4096)
+        defer { aligned.deallocate() }
+        aligned.initializeMemory(as: UInt8.self, repeating: 0xa5)
+        try unaligned.withUnsafeBytes { bytes in
+            for (buffer, offset) in [(UnsafeRawBufferPointer(rebasing: bytes[1...]), UInt64(4096)),
+                                     (UnsafeRawBufferPointer(aligned), UInt64(65536))] {
+                var ran = false
+                let result = device.write(buffer, at: offset, cache: .direct, alongside: { ran = true; return 7 })
+                XCTAssertEqual(result?.0, 7)
+                XCTAssertNotNil(result)
+                if let result { XCTAssertNil(result.1) }
+                XCTAssertTrue(ran)
+                var back = [UInt8](repeating: 0, count: buffer.count)
+                _ = try back.withUnsafeMutableBytes { try device.read(into: $0, at: offset, cache: .cached) }
+                XCTAssertEqual(back, Array(buffer), "offset \(offset)")
+            }
+        }
+        // Cached, or unaligned in the file: not taken, and the caller's work not run.
+        var ran = false
+        XCTAssertNil(device.write(UnsafeRawBufferPointer(aligned), at: 0, cache: .cached, alongside: { ran = true }))
+        XCTAssertNil(device.write(UnsafeRawBufferPointer(rebasing: aligned[0..<100]), at: 100, cache: .direct, alongside: { ran = true }))
+        XCTAssertFalse(ran)
+    }
+
     func testReadsStopAtTheEnd() throws {
         let device = try FileBlockDevice(path: makeFile(size: 10_000), readOnly: true, bufferPool: AlignedBufferPool(bufferSize: 1 << 16))
         var buffer = [UInt8](repeating: 1, count: 8192)

@@ -72,6 +72,35 @@ final class ParallelFaultTests: XCTestCase {
         try completeStopAndCompare(mount, source: source, target: target)
     }
 
+    /// A file target on a file system that fills up while O_DIRECT writes go to it in
+    /// parallel with the source (the kernel's asynchronous write): the user sees no error,
+    /// the job stops with io-status nospace and is not actively synced; once there is room
+    /// and it resumes, it is synced again and completes identical.
+    func testAFullTargetUnderParallelWritesStopsTheJobNotTheUser() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 48 << 20)
+        let small = try scratch.directory("small")
+        try check("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", small])
+        defer { _ = try? execute("umount", ["-l", small]) }
+        let target = small + "/target.raw"
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"),
+                              extra: ["--target", target, "--copy-mode", "write-blocking", "--on-target-error", "stop"])
+        waitUntil("actively synced") { job(mount)?["actively-synced"] as? Bool == true }
+        // 16 MiB of data in 1 MiB O_DIRECT writes: the target holds 8.
+        let writes = (0..<16).flatMap { ["-c", "write -P 0x66 \($0)M 1M"] }
+        let write = try execute("qemu-io", ["-f", "raw", "-t", "none"] + writes + [mount.image])
+        XCTAssertEqual(write.status, 0, write.stdout + write.stderr)
+        XCTAssertFalse(write.stdout.contains("error") || write.stderr.contains("error"), write.stdout + write.stderr)
+        waitUntil("nospace stop") { job(mount)?["io-status"] as? String == "nospace" }
+        XCTAssertEqual(job(mount)?["actively-synced"] as? Bool, false)
+        XCTAssertTrue(eventObjects(mount).contains { $0["event"] as? String == "BLOCK_JOB_ERROR" })
+        try check("qemu-io", ["-f", "raw", "-r", "-c", "read -P 0x66 0 16M", source])
+        try check("mount", ["-o", "remount,size=128m", small])
+        try check(mirrorfsBinary, ["job", "resume", mount.mountpoint])
+        waitUntil("actively synced after the resume") { job(mount)?["actively-synced"] as? Bool == true }
+        try completeStopAndCompare(mount, source: source, target: target)
+    }
+
     private func eventObjects(_ mount: Mount) -> [[String: Any]] {
         let text = (try? String(contentsOfFile: mount.mountpoint + "/.status/events.jsonl", encoding: .utf8)) ?? ""
         return text.split(separator: "\n").compactMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any] }

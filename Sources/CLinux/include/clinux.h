@@ -42,4 +42,18 @@ int clinux_send_text_and_fd(int socket, const char *text, int fd);
 /// tgkill(2): `signal` to one thread `tid` of process `pid` (tests).
 int clinux_tgkill(pid_t pid, pid_t tid, int signal);
 
+/// Linux native AIO (io_setup(2) and friends), for a write that runs in the kernel while
+/// the calling thread does another: an O_DIRECT pwrite on ext4 or xfs is queued to the
+/// device at submission and completes by interrupt, with no second thread.
+/// A context for up to `depth` requests: 0 and `*context` set, or -errno.
+int clinux_aio_setup(unsigned depth, unsigned long *context);
+void clinux_aio_destroy(unsigned long context);
+/// Submits one pwrite of `count` bytes of `buffer` at `offset` of `fd`; `tag` comes back
+/// with its completion. 0, or -errno (nothing was submitted).
+int clinux_aio_submit_pwrite(unsigned long context, int fd, const void *buffer, unsigned long count,
+                             long long offset, unsigned long long tag);
+/// Waits for at least one completion (up to `max`), retrying on EINTR: their tags and
+/// results (bytes written, or -errno). The number completed, or -errno.
+int clinux_aio_wait(unsigned long context, int max, unsigned long long *tags, long long *results);
+
 #endif
