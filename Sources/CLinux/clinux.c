@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <string.h>
+#include <time.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -154,11 +155,14 @@ int clinux_aio_submit_pwrite(unsigned long context, int fd, const void *buffer, 
     return n == 1 ? 0 : -EAGAIN;
 }
 
-int clinux_aio_wait(unsigned long context, int max, unsigned long long *tags, long long *results) {
+int clinux_aio_wait(unsigned long context, int max, int timeout_ms, unsigned long long *tags, long long *results) {
     struct io_event events[16];
     if (max > 16) max = 16;
+    struct timespec timeout = { .tv_sec = timeout_ms / 1000, .tv_nsec = (long)(timeout_ms % 1000) * 1000000L };
     long n;
-    do { n = syscall(SYS_io_getevents, (aio_context_t)context, 1L, (long)max, events, NULL); } while (n < 0 && errno == EINTR);
+    do {
+        n = syscall(SYS_io_getevents, (aio_context_t)context, 1L, (long)max, events, timeout_ms < 0 ? NULL : &timeout);
+    } while (n < 0 && errno == EINTR);
     if (n < 0) return -errno;
     for (long i = 0; i < n; i++) {
         tags[i] = events[i].data;

@@ -28,6 +28,9 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// write's failure, if any. Nil, with `meanwhile` not run, when it cannot.
     func write<T>(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy,
                   alongside meanwhile: () -> T) -> (T, Errno?)?
+    /// The descriptor an asynchronous (Linux AIO) write of the range may go to, from a
+    /// buffer aligned to `AlignedBufferPool.alignment`; nil when the device cannot take one.
+    func asynchronousWriteDescriptor(offset: UInt64, count: Int, cache: CachePolicy) -> CInt?
     /// Makes completed writes durable.
     func flush(dataOnly: Bool) throws(Errno)
     /// Deallocates the range; it reads back as zeroes afterwards.
@@ -57,6 +60,7 @@ public protocol BlockDevice: AnyObject, Sendable {
 extension BlockDevice {
     public func write<T>(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy,
                          alongside meanwhile: () -> T) -> (T, Errno?)? { nil }
+    public func asynchronousWriteDescriptor(offset: UInt64, count: Int, cache: CachePolicy) -> CInt? { nil }
     public func retryNow() {}
     public var changeStamp: ChangeStamp? { nil }
     public func fileSystemStatistics() -> statvfs? { nil }

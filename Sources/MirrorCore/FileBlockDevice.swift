@@ -147,6 +147,12 @@ public final class FileBlockDevice: BlockDevice {
         }
     }
 
+    /// The O_DIRECT descriptor, for an O_DIRECT request aligned for it.
+    public func asynchronousWriteDescriptor(offset: UInt64, count: Int, cache: CachePolicy) -> CInt? {
+        guard !isReadOnly, offset + UInt64(count) <= size else { return nil }
+        return directDescriptor(cache, offset: offset, count: count)
+    }
+
     /// Takes QEMU's image locks on the file for as long as the device lives (`ImageLock`).
     public func lock() throws(ImageLockError) {
         try ImageLock.acquire(fd: cachedFD, path: path, writable: !isReadOnly)

@@ -62,6 +62,9 @@ struct MirrorOp: Sendable, Equatable {
     /// The part of the range (relative to `offset`) sent to the target, decided when the
     /// chunks are claimed: head and tail inside still-dirty chunks are left to the copier.
     var targetPart: Range<UInt64> = 0..<0
+    /// Background mode after ready: not mirrored, but its chunks are claimed and its target
+    /// part is written through asynchronously (`WriteThroughQueue`); the reply does not wait.
+    var writeThrough = false
 }
 
 /// Whether a write enters the job.
@@ -77,7 +80,10 @@ enum WriteAdmission: Sendable, Equatable {
 extension MirrorState {
     /// active_write_prepare, first half: the write enters the job, and the job decides
     /// once whether it is mirrored. A mirrored write registers the chunks it waits for.
-    mutating func admitWrite(offset: UInt64, length: UInt64, now: Double) -> WriteAdmission {
+    /// `canWriteThrough`: the write could go to the target asynchronously (O_DIRECT data,
+    /// not all zero, to a target that takes it); in background mode after ready it does,
+    /// when nothing holds its chunks and part of it lands in clean ones.
+    mutating func admitWrite(offset: UInt64, length: UInt64, now: Double, canWriteThrough: Bool = false) -> WriteAdmission {
         switch writeGate {
         case .held: return .held
         case .closed: return .detached
@@ -86,14 +92,27 @@ extension MirrorState {
         filterWrites += 1
         let mirrored = error == nil && pendingExit?.isForced != true && copyMode == .writeBlocking
             && targetUsable(now: now)
-        let op = MirrorOp(offset: offset, length: length, chunks: dirty.chunks(covering: offset, length: length),
+        var op = MirrorOp(offset: offset, length: length, chunks: dirty.chunks(covering: offset, length: length),
                           mirrored: mirrored)
         if mirrored {
             waitingActive.append(op.chunks)
-        } else {
-            unmirroredWrites += 1
-            activelySynced = false
+            return .admitted(op)
         }
+        if canWriteThrough && copyMode == .background && synced && error == nil && pendingExit == nil
+            && !userPaused && !shuttingDown && targetUsable(now: now)
+            && writeThroughs < WriteThroughQueue.depth
+            && !(op.chunks.contains { inFlight.isDirty($0) || isWaitedForByActiveWrite($0) }) {
+            claim(&op)
+            if !op.targetPart.isEmpty {
+                op.writeThrough = true
+                writeThroughs += 1
+                return .admitted(op)
+            }
+            inFlight.clear(op.chunks)
+            op.claimed = false
+        }
+        unmirroredWrites += 1
+        activelySynced = false
         return .admitted(op)
     }
 
@@ -107,6 +126,13 @@ extension MirrorState {
         precondition(op.mirrored)
         if (op.chunks.contains { inFlight.isDirty($0) }) { return false }
         waitingActive.remove(at: waitingActive.firstIndex(of: op.chunks)!)
+        claim(&op)
+        return true
+    }
+
+    /// The chunks are claimed; decides the target part (the head/tail rule) and cleans the
+    /// chunks it covers whole.
+    private mutating func claim(_ op: inout MirrorOp) {
         inFlight.set(op.chunks)
         op.claimed = true
         let granularity = options.granularity
@@ -118,18 +144,19 @@ extension MirrorState {
         if end % granularity != 0 && end != size && dirty.isDirty(Int((end - 1) / granularity)) {
             tail = max((end / granularity) * granularity, offset + head) - offset
         }
-        guard head < tail else { return true }
+        guard head < tail else { return }
         dirty.clear(dirty.chunks(inside: offset + head, length: tail - head))
         activeBytesInFlight += tail - head
         op.targetPart = head..<tail
-        return true
     }
 
     /// The source write returned. Not mirrored, or failed: the range is dirty (a failed
     /// write may have changed part of it, a short write before ENOSPC, and the target may
     /// hold the new data: the copier brings over whatever the source now holds).
     mutating func sourceWritten(_ op: inout MirrorOp, succeeded: Bool, now: Double) {
-        if !op.mirrored {
+        if op.writeThrough {
+            if !succeeded { userDirtied(op.chunks, now: now) }
+        } else if !op.mirrored {
             activelySynced = false
             userDirtied(op.chunks, now: now)
             unmirroredWrites -= 1
@@ -143,12 +170,16 @@ extension MirrorState {
     /// the error policy, never to the user), release the chunks, leave the job. Returns
     /// who must be woken: writes waiting for chunks, the job thread when it waits for the
     /// writes inside to finish or an error changed its course.
+    /// `notWritten`: the target part never went out (its write could not be submitted):
+    /// it is dirty again, with no error.
     @discardableResult
-    mutating func activeWriteSettle(_ op: MirrorOp, targetFailure: Errno?, now: Double) -> [Wake] {
+    mutating func activeWriteSettle(_ op: MirrorOp, targetFailure: Errno?, notWritten: Bool = false, now: Double) -> [Wake] {
         let part = op.targetPart
         if !part.isEmpty {
             activeBytesInFlight -= part.upperBound - part.lowerBound
-            if let targetFailure {
+            if notWritten {
+                markDirty(offset: op.offset + part.lowerBound, length: part.upperBound - part.lowerBound)
+            } else if let targetFailure {
                 markDirty(offset: op.offset + part.lowerBound, length: part.upperBound - part.lowerBound)
                 errorAction(isRead: false, error: targetFailure, now: now)
             } else {
@@ -160,7 +191,13 @@ extension MirrorState {
         filterWrites -= 1
         var wake: [Wake] = []
         if waitingWriters > 0 { wake.append(.writers) }
-        if writeGate == .held || (targetFailure != nil && !part.isEmpty) { wake.append(.job) }
+        var wakeJob = writeGate == .held || (targetFailure != nil && !part.isEmpty)
+        if op.writeThrough {
+            writeThroughs -= 1
+            // actively-synced and the shutdown wait for the write-throughs in flight.
+            wakeJob = wakeJob || copyMode == .writeBlocking || shuttingDown
+        }
+        if wakeJob { wake.append(.job) }
         return wake
     }
 }
@@ -178,7 +215,9 @@ extension MirrorJob {
     /// copied from the user and which nobody changes until the reply.
     public func filterWrite(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy) throws(Errno) -> FilterWriteResult {
         let length = write.length
-        guard var op = activeWritePrepare(offset: offset, length: length) else { return .detached }
+        guard var op = activeWritePrepare(offset: offset, length: length,
+                                          canWriteThrough: canWriteThrough(write, at: offset, cache: cache))
+        else { return .detached }
 
         // The region's bit is durable before the source (or the target) changes: after a
         // crash the log covers every write that may have reached one and not the other.
@@ -186,6 +225,7 @@ extension MirrorJob {
         func writeSource() -> Errno? {
             Result { () throws(Errno) in try write.apply(to: source, at: offset, skip: 0, length: length, cache: cache) }.failure
         }
+        if op.writeThrough { return try writeThrough(write, op: op, cache: cache, writeSource: writeSource) }
         var targetFailure: Errno?
         let sourceFailure: Errno?
         if op.targetPart.isEmpty {
@@ -220,6 +260,62 @@ extension MirrorJob {
         return .done
     }
 
+    /// Whether the write could be written through asynchronously in background mode: O_DIRECT
+    /// data, not all zero, that the target can take as it is.
+    private func canWriteThrough(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy) -> Bool {
+        guard writeThroughQueue != nil, case .data(let buffer) = write, buffer.count <= WriteThroughQueue.maxBytes,
+              target.asynchronousWriteDescriptor(offset: offset, count: buffer.count, cache: cache) != nil
+        else { return false }
+        return !isAllZero(buffer)
+    }
+
+    /// A background write after ready, its chunks claimed: the target part is submitted
+    /// before the source write, the reply does not wait for it; the reaper settles it.
+    private func writeThrough(_ write: ImageWrite, op: MirrorOp, cache: CachePolicy,
+                              writeSource: () -> Errno?) throws(Errno) -> FilterWriteResult {
+        var op = op
+        let part = op.targetPart
+        var submitted = false
+        if case .data(let buffer) = write, let writeThroughQueue,
+           let fd = target.asynchronousWriteDescriptor(offset: op.offset + part.lowerBound,
+                                                        count: Int(part.upperBound - part.lowerBound), cache: cache) {
+            let slice = UnsafeRawBufferPointer(rebasing: buffer[Int(part.lowerBound)..<Int(part.upperBound)])
+            submitted = writeThroughQueue.submit(slice, to: fd, at: op.offset + part.lowerBound, for: op)
+        }
+        let sourceFailure = writeSource()
+        let now = clock.now()
+        if sourceFailure != nil {
+            state.withLock { $0.sourceWritten(&op, succeeded: false, now: now) }
+        }
+        if !submitted {
+            log?.finished(offset: op.offset, length: op.length)
+            let wake = state.withLock { $0.activeWriteSettle(op, targetFailure: nil, notWritten: true, now: now) }
+            self.wake(wake)
+        }
+        if let sourceFailure { throw sourceFailure }
+        return .done
+    }
+
+    /// The reaper of the writes through to the target (a thread of the job's while it has
+    /// a `WriteThroughQueue`): settles each completion; ends once the job let go of the
+    /// image's writes and none is in flight.
+    func reapWriteThroughs(_ queue: WriteThroughQueue) {
+        while true {
+            let done = queue.reap(timeout: 100)
+            if done.isEmpty {
+                if state.withLock({ $0.writeGate == .closed && $0.writeThroughs == 0 }) { return }
+                continue
+            }
+            for (op, _) in done { log?.finished(offset: op.offset, length: op.length) }
+            let now = clock.now()
+            let (wake, events) = state.withLock { s in
+                (done.flatMap { s.activeWriteSettle($0.0, targetFailure: $0.1, now: now) }, !s.outbox.isEmpty)
+            }
+            self.wake(Array(Set(wake)))
+            if events { deliverEvents() }
+        }
+    }
+
     /// Data that is not all zero, to a target that takes writes asynchronously (an O_DIRECT
     /// file): its part is in the kernel's queue while `writeSource` runs. Nil, with
     /// nothing done, otherwise (zeroes go to the target as write-zeroes).
@@ -233,7 +329,7 @@ extension MirrorJob {
 
     /// active_write_prepare: admitted (held while the job converges or lets go) and, when
     /// mirrored, its chunks claimed. Nil when the job let go meanwhile.
-    private func activeWritePrepare(offset: UInt64, length: UInt64) -> MirrorOp? {
+    private func activeWritePrepare(offset: UInt64, length: UInt64, canWriteThrough: Bool) -> MirrorOp? {
         var admitted: MirrorOp?
         var waited = false
         let now = clock.now()
@@ -248,7 +344,7 @@ extension MirrorJob {
                 return .done(op)
             }
             if admitted == nil {
-                switch s.admitWrite(offset: offset, length: length, now: now) {
+                switch s.admitWrite(offset: offset, length: length, now: now, canWriteThrough: canWriteThrough) {
                 case .held: return wait()
                 case .detached: return done(nil)
                 case .admitted(let op): admitted = op

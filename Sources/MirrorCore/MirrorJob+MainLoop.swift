@@ -56,7 +56,8 @@ extension MirrorState {
             // Mirrored writes still in flight do not count against it (as in QEMU): none
             // returns before its target part is written, and a failure clears the flag first.
             // Writes that missed the mirror do.
-            if !activelySynced && copyMode == .writeBlocking && unmirroredWrites == 0 && error == nil && ioStatus == .ok {
+            if !activelySynced && copyMode == .writeBlocking && unmirroredWrites == 0 && writeThroughs == 0
+                && error == nil && ioStatus == .ok {
                 activelySynced = true
                 return .publish
             }
@@ -142,6 +143,11 @@ extension MirrorJob {
             let worker = Thread { [self] in copyWorker() }
             worker.name = "mirror-copy-\(index)"
             worker.start()
+        }
+        if let writeThroughQueue {
+            let reaper = Thread { [self] in reapWriteThroughs(writeThroughQueue) }
+            reaper.name = "mirror-write-through"
+            reaper.start()
         }
         let main = Thread { [self] in jobExit(setUpAndLoop()) }
         main.name = "mirror-job"

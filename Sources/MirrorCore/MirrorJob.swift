@@ -20,6 +20,9 @@ public final class MirrorJob: Sendable {
     /// The persistent dirty log, when the job has one.
     let log: DirtyLog?
     let clock: any JobClock
+    /// Background writes through to the target after ready, when the target takes
+    /// asynchronous writes (an O_DIRECT file).
+    let writeThroughQueue: WriteThroughQueue?
 
     /// Everything that changes. Broadcast after a change someone may wait for.
     let state: ConditionLock<MirrorState>
@@ -59,6 +62,8 @@ public final class MirrorJob: Sendable {
                                    conditions: Wake.allCases.count)
         self.sink = emit
         self.lifecycle = lifecycle
+        writeThroughQueue = target.size >= 4096 && target.asynchronousWriteDescriptor(offset: 0, count: 4096, cache: .direct) != nil
+            ? WriteThroughQueue() : nil
     }
 
     // MARK: - Locked sections
@@ -119,11 +124,12 @@ public final class MirrorJob: Sendable {
         effect = try state.withLock { (s) throws(JobError) in try s.apply(request) }
     }
 
-    /// The mount ends: no new background copies; returns once those running are done,
-    /// so nothing writes the target after the caller's last flush.
+    /// The mount ends: no new background copies; returns once those running (and the
+    /// writes through to the target) are done, so nothing writes the target after the
+    /// caller's last flush.
     public func stopForShutdown() {
         locked { $0.shutDown() }
-        state.withLock(waiting: { s in s.backgroundOps > 0 ? .wait(timeout: nil) : .done(()) })
+        state.withLock(waiting: { s in s.backgroundOps > 0 || s.writeThroughs > 0 ? .wait(timeout: nil) : .done(()) })
     }
 
     /// After `stopForShutdown`: every range the target may still lack (dirty or in flight),

@@ -92,6 +92,9 @@ struct MirrorState: Sendable {
     /// actively-synced waits for them (a write that saw background mode just before a
     /// switch to write-blocking).
     var unmirroredWrites = 0
+    /// Background writes written through to the target and not yet reaped
+    /// (`WriteThroughQueue`): they returned, so actively-synced waits for them.
+    var writeThroughs = 0
 
     // MARK: Time
 

@@ -58,7 +58,7 @@ final class ThreadAIO {
         // One request in flight on this context: the completion is ours. A failed wait
         // (never expected: EFAULT, EINVAL) cannot leave the request behind, as the buffer is
         // the caller's: destroying the context waits for it.
-        let n = clinux_aio_wait(context, 1, &tag, &written)
+        let n = clinux_aio_wait(context, 1, -1, &tag, &written)
         guard n == 1 else {
             preconditionFailure("io_getevents failed with \(Errno(rawValue: -n)) while a write was in flight")
         }

@@ -350,6 +350,89 @@ struct MirrorStateTests {
         }
     }
 
+    struct WriteThroughCase: CustomStringConvertible, Sendable {
+        let name: String
+        let setup: @Sendable (inout MirrorState) -> Void
+        let offset: UInt64
+        let writesThrough: Bool
+        var description: String { name }
+        init(_ name: String, offset: UInt64 = 4096, _ setup: @escaping @Sendable (inout MirrorState) -> Void = { _ in },
+             writesThrough: Bool) {
+            (self.name, self.offset, self.setup, self.writesThrough) = (name, offset, setup, writesThrough)
+        }
+    }
+
+    /// Should write a background write through to the target only after ready, into chunks
+    /// nothing holds, with part of it in clean chunks; otherwise mark it dirty as before.
+    @Test(arguments: [
+        WriteThroughCase("ready, clean", writesThrough: true),
+        WriteThroughCase("not ready yet", { $0.synced = false }, writesThrough: false),
+        WriteThroughCase("chunk in flight", { $0.inFlight.set(0..<1) }, writesThrough: false),
+        WriteThroughCase("inside a dirty chunk (left to the copier)", { $0.dirty.set(0..<1) }, writesThrough: false),
+        WriteThroughCase("paused", { $0.userPaused = true }, writesThrough: false),
+        WriteThroughCase("failed", { $0.error = "Input/output error" }, writesThrough: false),
+        WriteThroughCase("completing", { $0.pendingExit = .complete }, writesThrough: false),
+        WriteThroughCase("backing off", { $0.retryAt = 5 }, writesThrough: false),
+        WriteThroughCase("the mount ends", { $0.shuttingDown = true }, writesThrough: false),
+        WriteThroughCase("queue full", { $0.writeThroughs = WriteThroughQueue.depth }, writesThrough: false),
+    ])
+    func writeThrough(_ c: WriteThroughCase) {
+        var s = Self.readyState()
+        c.setup(&s)
+        let before = s.writeThroughs
+        guard case .admitted(var op) = s.admitWrite(offset: c.offset, length: 4096, now: 1, canWriteThrough: true) else {
+            Issue.record("not admitted")
+            return
+        }
+        #expect(op.writeThrough == c.writesThrough && !op.mirrored, "\(c.name)")
+        s.sourceWritten(&op, succeeded: true, now: 1)
+        if c.writesThrough {
+            #expect(op.targetPart == 0..<4096 && s.inFlight.isDirty(0) && !s.dirty.isDirty(0) && s.writeThroughs == 1)
+            s.activeWriteSettle(op, targetFailure: nil, now: 1)
+            #expect(s.inFlight.dirtyChunks == 0 && !s.dirty.isDirty(0) && s.writeThroughs == 0 && s.filterWrites == 0)
+            #expect(s.progressCurrent == 4096)
+        } else {
+            #expect(s.dirty.isDirty(0) && s.writeThroughs == before && s.unmirroredWrites == 0, "\(c.name)")
+            s.activeWriteSettle(op, targetFailure: nil, now: 1)
+            #expect(s.filterWrites == 0 && (c.name != "chunk in flight" || s.inFlight.isDirty(0)), "\(c.name)")
+        }
+    }
+
+    /// Should treat a written-through part like a mirrored one when it fails (dirty again,
+    /// the error policy) or when it never went out (dirty again, no error); a failed source
+    /// write leaves the whole range to the copier; actively-synced waits for those in flight.
+    @Test func writeThroughFailures() {
+        var s = Self.readyState { $0.onTargetError = .stop }
+        guard case .admitted(var op) = s.admitWrite(offset: 0, length: 4096, now: 0, canWriteThrough: true) else { return }
+        s.sourceWritten(&op, succeeded: true, now: 0)
+        s.activeWriteSettle(op, targetFailure: .noSpace, now: 0)
+        #expect(s.dirty.isDirty(0) && s.ioStatus == .nospace && s.userPaused && s.writeThroughs == 0)
+        #expect(Self.names(s.outbox) == ["BLOCK_JOB_ERROR"])
+
+        var t = Self.readyState()
+        guard case .admitted(var unsent) = t.admitWrite(offset: 0, length: 4096, now: 0, canWriteThrough: true) else { return }
+        t.sourceWritten(&unsent, succeeded: true, now: 0)
+        t.activeWriteSettle(unsent, targetFailure: nil, notWritten: true, now: 0)
+        #expect(t.dirty.isDirty(0) && t.outbox.isEmpty && t.writeThroughs == 0 && t.inFlight.dirtyChunks == 0)
+
+        var u = Self.readyState()
+        guard case .admitted(var failedSource) = u.admitWrite(offset: 0, length: 4096, now: 0, canWriteThrough: true) else { return }
+        u.sourceWritten(&failedSource, succeeded: false, now: 0)
+        #expect(u.dirty.isDirty(0))
+
+        // Switched to write-blocking with a write-through in flight: not synced until reaped.
+        var v = Self.readyState()
+        guard case .admitted(var inFlight) = v.admitWrite(offset: 0, length: 4096, now: 0, canWriteThrough: true) else { return }
+        v.sourceWritten(&inFlight, succeeded: true, now: 0)
+        v.copyMode = .writeBlocking
+        _ = v.step(now: 0)
+        #expect(!v.activelySynced)
+        let wake = v.activeWriteSettle(inFlight, targetFailure: nil, now: 0)
+        #expect(wake.contains(.job))
+        _ = v.step(now: 0)
+        #expect(v.activelySynced)
+    }
+
     /// Should never tell the user about the target: a failed target part is dirty again and
     /// goes to the error policy; a failed source write leaves the whole range to the copier.
     @Test func writeFailures() {

@@ -77,6 +77,16 @@ final class ParallelFaultTests: XCTestCase {
     /// the job stops with io-status nospace and is not actively synced; once there is room
     /// and it resumes, it is synced again and completes identical.
     func testAFullTargetUnderParallelWritesStopsTheJobNotTheUser() throws {
+        try fullTarget(copyMode: "write-blocking")
+    }
+
+    /// The same in background mode after ready, where the writes go through to the target
+    /// without the reply waiting for them.
+    func testAFullTargetUnderBackgroundWritesThroughStopsTheJobNotTheUser() throws {
+        try fullTarget(copyMode: "background")
+    }
+
+    private func fullTarget(copyMode: String) throws {
         let scratch = try Scratch()
         let source = try scratch.image("disk.raw", size: 48 << 20)
         let small = try scratch.directory("small")
@@ -84,8 +94,8 @@ final class ParallelFaultTests: XCTestCase {
         defer { _ = try? execute("umount", ["-l", small]) }
         let target = small + "/target.raw"
         let mount = try Mount(source: source, at: try scratch.directory("mnt"),
-                              extra: ["--target", target, "--copy-mode", "write-blocking", "--on-target-error", "stop"])
-        waitUntil("actively synced") { job(mount)?["actively-synced"] as? Bool == true }
+                              extra: ["--target", target, "--copy-mode", copyMode, "--on-target-error", "stop"])
+        waitUntil("ready") { job(mount)?["ready"] as? Bool == true }
         // 16 MiB of data in 1 MiB O_DIRECT writes: the target holds 8.
         let writes = (0..<16).flatMap { ["-c", "write -P 0x66 \($0)M 1M"] }
         let write = try execute("qemu-io", ["-f", "raw", "-t", "none"] + writes + [mount.image])
@@ -97,7 +107,10 @@ final class ParallelFaultTests: XCTestCase {
         try check("qemu-io", ["-f", "raw", "-r", "-c", "read -P 0x66 0 16M", source])
         try check("mount", ["-o", "remount,size=128m", small])
         try check(mirrorfsBinary, ["job", "resume", mount.mountpoint])
-        waitUntil("actively synced after the resume") { job(mount)?["actively-synced"] as? Bool == true }
+        waitUntil("clean after the resume") { job(mount)?["ready"] as? Bool == true && job(mount)?["dirty-bytes"] as? Int == 0 }
+        if copyMode == "write-blocking" {
+            waitUntil("actively synced after the resume") { job(mount)?["actively-synced"] as? Bool == true }
+        }
         try completeStopAndCompare(mount, source: source, target: target)
     }
 

@@ -24,4 +24,30 @@ final class ParallelWriteTests: XCTestCase {
         XCTAssertEqual(job(mount)?["io-status"] as? String, "ok")
         try completeStopAndCompare(mount, source: source, target: target)
     }
+
+    /// Background mode after ready writes each O_DIRECT write through to the target from its
+    /// own data (SPEC 4: the copier catches up) instead of dirtying a 64 KiB chunk for the
+    /// copier to read and write whole: fio's verified 4 KiB writes (4 jobs) add about what
+    /// they wrote to the job's progress, not 16 times it; then complete, identical.
+    func testBackgroundWritesAfterReadyGoThroughToTheTargetAndCompleteIdentical() throws {
+        let scratch = try Scratch()
+        let source = try scratch.image("disk.raw", size: 128 << 20, randomPieces: [(0, 32 << 20)])
+        let target = scratch.file("target.raw")
+        let mount = try Mount(source: source, at: try scratch.directory("mnt"), extra: ["--target", target])
+        XCTAssertTrue(waitUntil("ready", timeout: 60) { job(mount)?["ready"] as? Bool == true })
+        let before = job(mount)?["offset"] as? Int ?? 0
+        let result = try execute("fio", [
+            "--name=verify", "--filename=\(mount.image)", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=psync",
+            "--numjobs=4", "--size=16M", "--offset_increment=16M", "--verify=crc32c", "--do_verify=1",
+            "--verify_fatal=1", "--verify_state_save=0", "--group_reporting",
+        ])
+        XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
+        XCTAssertTrue(waitUntil("clean again") { job(mount)?["dirty-bytes"] as? Int == 0 })
+        // 64 MiB written (each fio job writes its 16 MiB once, verify headers included).
+        let copied = (job(mount)?["offset"] as? Int ?? 0) - before
+        XCTAssertGreaterThanOrEqual(copied, 64 << 20, "every write reached the target")
+        XCTAssertLessThan(copied, 2 * (64 << 20), "the writes went through as written, not as whole chunks: \(copied) bytes")
+        XCTAssertEqual(job(mount)?["io-status"] as? String, "ok")
+        try completeStopAndCompare(mount, source: source, target: target)
+    }
 }

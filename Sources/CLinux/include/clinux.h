@@ -52,8 +52,9 @@ void clinux_aio_destroy(unsigned long context);
 /// with its completion. 0, or -errno (nothing was submitted).
 int clinux_aio_submit_pwrite(unsigned long context, int fd, const void *buffer, unsigned long count,
                              long long offset, unsigned long long tag);
-/// Waits for at least one completion (up to `max`), retrying on EINTR: their tags and
-/// results (bytes written, or -errno). The number completed, or -errno.
-int clinux_aio_wait(unsigned long context, int max, unsigned long long *tags, long long *results);
+/// Waits for at least one completion (up to `max`, at most 16) for up to `timeout_ms`
+/// (forever when negative), retrying on EINTR: their tags and results (bytes written, or
+/// -errno). The number completed (0: the time ran out), or -errno.
+int clinux_aio_wait(unsigned long context, int max, int timeout_ms, unsigned long long *tags, long long *results);
 
 #endif
