@@ -275,7 +275,7 @@ extension MirrorJob {
                               writeSource: () -> Errno?) throws(Errno) -> FilterWriteResult {
         var op = op
         let part = op.targetPart
-        var submitted = false
+        var submitted: UInt64?
         if case .data(let buffer) = write, let writeThroughQueue,
            let fd = target.asynchronousWriteDescriptor(offset: op.offset + part.lowerBound,
                                                         count: Int(part.upperBound - part.lowerBound), cache: cache) {
@@ -287,7 +287,11 @@ extension MirrorJob {
         if sourceFailure != nil {
             state.withLock { $0.sourceWritten(&op, succeeded: false, now: now) }
         }
-        if !submitted {
+        if let tag = submitted {
+            // Settled by whichever half ends last: the chunks stay claimed until the source
+            // holds the new data, so no copy can read the old data and write it over the new.
+            if let (done, failure) = writeThroughQueue?.sourceDone(tag) { settleWriteThroughs([(done, failure)]) }
+        } else {
             log?.finished(offset: op.offset, length: op.length)
             let wake = state.withLock { $0.activeWriteSettle(op, targetFailure: nil, notWritten: true, now: now) }
             self.wake(wake)
@@ -296,23 +300,27 @@ extension MirrorJob {
         return .done
     }
 
+    private func settleWriteThroughs(_ done: [(MirrorOp, Errno?)]) {
+        for (op, _) in done { log?.finished(offset: op.offset, length: op.length) }
+        let now = clock.now()
+        let (wake, events) = state.withLock { s in
+            (done.flatMap { s.activeWriteSettle($0.0, targetFailure: $0.1, now: now) }, !s.outbox.isEmpty)
+        }
+        self.wake(Array(Set(wake)))
+        if events { deliverEvents() }
+    }
+
     /// The reaper of the writes through to the target (a thread of the job's while it has
-    /// a `WriteThroughQueue`): settles each completion; ends once the job let go of the
+    /// a `WriteThroughQueue`): settles each completion whose source write has returned
+    /// (the writer settles the others); ends once the job let go of the
     /// image's writes and none is in flight.
     func reapWriteThroughs(_ queue: WriteThroughQueue) {
         while true {
-            let done = queue.reap(timeout: 100)
-            if done.isEmpty {
+            guard let done = queue.reap(timeout: 100) else {
                 if state.withLock({ $0.writeGate == .closed && $0.writeThroughs == 0 }) { return }
                 continue
             }
-            for (op, _) in done { log?.finished(offset: op.offset, length: op.length) }
-            let now = clock.now()
-            let (wake, events) = state.withLock { s in
-                (done.flatMap { s.activeWriteSettle($0.0, targetFailure: $0.1, now: now) }, !s.outbox.isEmpty)
-            }
-            self.wake(Array(Set(wake)))
-            if events { deliverEvents() }
+            if !done.isEmpty { settleWriteThroughs(done) }
         }
     }
 

@@ -7,8 +7,10 @@ import SystemPackage
 /// catches up): a user's O_DIRECT data write into chunks that are clean and that nothing
 /// holds goes to the target from a copy of its own data, submitted to the kernel (Linux
 /// AIO) while the source write runs, and the user's reply does not wait for it. Its chunks
-/// stay claimed until the completion is reaped (`MirrorJob.reapWriteThroughs`), so no copy
-/// or other write reaches them meanwhile; a failure re-dirties the part and goes to the
+/// stay claimed until both halves are done — the source write returned and the target
+/// write's completion reaped (`MirrorJob.reapWriteThroughs`), whichever comes last settles
+/// it — so no copy reads the chunk before the source holds the new data, and no copy or
+/// other write reaches the target's chunk meanwhile; a failure re-dirties the part and goes to the
 /// error policy, as a mirrored write's does. Without it, each 4 KiB write dirtied a 64 KiB
 /// chunk that the copier then read and wrote whole: 32 times the I/O.
 final class WriteThroughQueue: Sendable {
@@ -20,9 +22,13 @@ final class WriteThroughQueue: Sendable {
     private let context: UInt
     private struct Pending {
         let op: MirrorOp
-        /// The copy of the data (posix_memalign'd), freed when reaped.
-        let buffer: UInt
+        /// The copy of the data (posix_memalign'd), freed (0) when reaped.
+        var buffer: UInt
         let count: Int
+        /// The source write returned.
+        var sourceDone = false
+        /// The target write's outcome, once reaped.
+        var targetDone: Result<Void, Errno>?
     }
     private let pending = Mutex<(next: UInt64, requests: [UInt64: Pending])>((1, [:]))
 
@@ -38,11 +44,11 @@ final class WriteThroughQueue: Sendable {
         for request in pending.withLock({ $0.requests.values }) { free(UnsafeMutableRawPointer(bitPattern: request.buffer)) }
     }
 
-    /// Copies `data` and submits its write at `offset` of `fd` for `op`. False, with
-    /// nothing in flight, when the kernel refused it.
-    func submit(_ data: UnsafeRawBufferPointer, to fd: CInt, at offset: UInt64, for op: MirrorOp) -> Bool {
+    /// Copies `data` and submits its write at `offset` of `fd` for `op`: the tag that
+    /// `sourceDone` takes. Nil, with nothing in flight, when the kernel refused it.
+    func submit(_ data: UnsafeRawBufferPointer, to fd: CInt, at offset: UInt64, for op: MirrorOp) -> UInt64? {
         var pointer: UnsafeMutableRawPointer?
-        guard posix_memalign(&pointer, AlignedBufferPool.alignment, data.count) == 0, let pointer else { return false }
+        guard posix_memalign(&pointer, AlignedBufferPool.alignment, data.count) == 0, let pointer else { return nil }
         pointer.copyMemory(from: data.baseAddress!, byteCount: data.count)
         let tag = pending.withLock { p in
             defer { p.next += 1 }
@@ -52,24 +58,48 @@ final class WriteThroughQueue: Sendable {
         guard clinux_aio_submit_pwrite(context, fd, pointer, UInt(data.count), Int64(offset), tag) == 0 else {
             _ = pending.withLock { $0.requests.removeValue(forKey: tag) }
             free(pointer)
-            return false
+            return nil
         }
-        return true
+        return tag
     }
 
-    /// Waits up to `timeout` ms for completions: each one's op and failure (a short write
-    /// counts as out of space). Empty when the time ran out.
-    func reap(timeout: Int32) -> [(MirrorOp, Errno?)] {
+    /// The source write of `tag` returned: its op and the target's failure when the target
+    /// write was reaped already (the caller settles it), else nil (the reaper will).
+    func sourceDone(_ tag: UInt64) -> (MirrorOp, Errno?)? {
+        pending.withLock { p -> (MirrorOp, Errno?)? in
+            guard let request = p.requests[tag] else { return nil }
+            guard let target = request.targetDone else {
+                p.requests[tag]?.sourceDone = true
+                return nil
+            }
+            p.requests[tag] = nil
+            return (request.op, target.failure)
+        }
+    }
+
+    /// Waits up to `timeout` ms for completions (a short write counts as out of space): the
+    /// op and failure of each whose source write has returned too, for the caller to
+    /// settle. `nil` when the time ran out.
+    func reap(timeout: Int32) -> [(MirrorOp, Errno?)]? {
         var tags = [UInt64](repeating: 0, count: 16)
         var results = [Int64](repeating: 0, count: 16)
         let n = clinux_aio_wait(context, 16, timeout, &tags, &results)
-        guard n > 0 else { return [] }
+        guard n > 0 else { return nil }
         return (0..<Int(n)).compactMap { i in
-            guard let request = pending.withLock({ $0.requests.removeValue(forKey: tags[i]) }) else { return nil }
-            free(UnsafeMutableRawPointer(bitPattern: request.buffer))
-            let result = results[i]
-            let failure: Errno? = result < 0 ? Errno(rawValue: CInt(-result)) : (Int(result) < request.count ? .noSpace : nil)
-            return (request.op, failure)
+            pending.withLock { p -> (MirrorOp, Errno?)? in
+                guard let request = p.requests[tags[i]] else { return nil }
+                free(UnsafeMutableRawPointer(bitPattern: request.buffer))
+                let result = results[i]
+                let failure: Errno? = result < 0 ? Errno(rawValue: CInt(-result))
+                    : (Int(result) < request.count ? .noSpace : nil)
+                guard request.sourceDone else {
+                    p.requests[tags[i]]?.targetDone = failure.map { .failure($0) } ?? .success(())
+                    p.requests[tags[i]]?.buffer = 0
+                    return nil
+                }
+                p.requests[tags[i]] = nil
+                return (request.op, failure)
+            }
         }
     }
 }

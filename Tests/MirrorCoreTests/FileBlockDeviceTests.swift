@@ -1,5 +1,5 @@
 import Foundation
-import MirrorCore
+@testable import MirrorCore
 import SystemPackage
 import XCTest
 
@@ -62,6 +62,38 @@ final class FileBlockDeviceTests: XCTestCase {
         XCTAssertNil(device.write(UnsafeRawBufferPointer(aligned), at: 0, cache: .cached, alongside: { ran = true }))
         XCTAssertNil(device.write(UnsafeRawBufferPointer(rebasing: aligned[0..<100]), at: 100, cache: .direct, alongside: { ran = true }))
         XCTAssertFalse(ran)
+    }
+
+    /// Should leave a write-through to whichever of its halves ends last: the target's
+    /// completion reaped before the source write returned is not settled yet, nor the
+    /// reverse; each op settles exactly once.
+    func testAWriteThroughSettlesWhenBothHalvesAreDone() throws {
+        let pool = AlignedBufferPool(bufferSize: 1 << 20)
+        let device = try FileBlockDevice(path: makeFile(size: 1 << 20), readOnly: false, bufferPool: pool)
+        let queue = try XCTUnwrap(WriteThroughQueue())
+        let data = [UInt8](repeating: 0x77, count: 4096)
+        let fd = try XCTUnwrap(device.asynchronousWriteDescriptor(offset: 8192, count: 4096, cache: .direct))
+        func reapAll() -> [(MirrorOp, Errno?)] {
+            var settled: [(MirrorOp, Errno?)] = []
+            let deadline = Date().addingTimeInterval(10)
+            while Date() < deadline, let done = queue.reap(timeout: 100) { settled += done; if done.isEmpty { break } }
+            return settled
+        }
+        let op = MirrorOp(offset: 8192, length: 4096, chunks: 0..<1, mirrored: false)
+        // Target first: the reaper leaves it to the writer.
+        let first = try XCTUnwrap(data.withUnsafeBytes { queue.submit($0, to: fd, at: 8192, for: op) })
+        XCTAssertTrue(reapAll().isEmpty, "settled before the source write returned")
+        let byWriter = queue.sourceDone(first)
+        XCTAssertEqual(byWriter?.0, op)
+        XCTAssertNil(byWriter?.1 ?? nil)
+        // Source first: the writer leaves it to the reaper.
+        let second = try XCTUnwrap(data.withUnsafeBytes { queue.submit($0, to: fd, at: 8192, for: op) })
+        XCTAssertNil(queue.sourceDone(second))
+        let byReaper = reapAll()
+        XCTAssertEqual(byReaper.map(\.0), [op])
+        var back = [UInt8](repeating: 0, count: 4096)
+        _ = try back.withUnsafeMutableBytes { try device.read(into: $0, at: 8192, cache: .cached) }
+        XCTAssertEqual(back, data)
     }
 
     func testReadsStopAtTheEnd() throws {

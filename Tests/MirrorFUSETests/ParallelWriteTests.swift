@@ -27,8 +27,9 @@ final class ParallelWriteTests: XCTestCase {
 
     /// Background mode after ready writes each O_DIRECT write through to the target from its
     /// own data (SPEC 4: the copier catches up) instead of dirtying a 64 KiB chunk for the
-    /// copier to read and write whole: fio's verified 4 KiB writes (4 jobs) add about what
-    /// they wrote to the job's progress, not 16 times it; then complete, identical.
+    /// copier to read and write whole: fio's verified 4 KiB writes (4 jobs, 4 in flight
+    /// each, so writes meet in one chunk) add about what they wrote to the job's progress,
+    /// not 16 times it; then complete, identical.
     func testBackgroundWritesAfterReadyGoThroughToTheTargetAndCompleteIdentical() throws {
         let scratch = try Scratch()
         let source = try scratch.image("disk.raw", size: 128 << 20, randomPieces: [(0, 32 << 20)])
@@ -37,8 +38,8 @@ final class ParallelWriteTests: XCTestCase {
         XCTAssertTrue(waitUntil("ready", timeout: 60) { job(mount)?["ready"] as? Bool == true })
         let before = job(mount)?["offset"] as? Int ?? 0
         let result = try execute("fio", [
-            "--name=verify", "--filename=\(mount.image)", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=psync",
-            "--numjobs=4", "--size=16M", "--offset_increment=16M", "--verify=crc32c", "--do_verify=1",
+            "--name=verify", "--filename=\(mount.image)", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=libaio",
+            "--iodepth=4", "--numjobs=4", "--size=16M", "--offset_increment=16M", "--verify=crc32c", "--do_verify=1",
             "--verify_fatal=1", "--verify_state_save=0", "--group_reporting",
         ])
         XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
