@@ -6,6 +6,13 @@ import Glibc
 /// /proc/self/mountinfo, read to find mirrorfs mounts: by mountpoint, and by the device
 /// number that files on them carry (st_dev).
 public enum MountTable {
+    /// Whether `errno`, from a request to a FUSE mount, says its daemon is gone: ENOTCONN
+    /// once the connection has ended, ECONNABORTED for a request that was under way when
+    /// it ended (the last holder of /dev/fuse died meanwhile).
+    public static func daemonGone(_ errno: Int32) -> Bool {
+        errno == ENOTCONN || errno == ECONNABORTED
+    }
+
     public struct Entry: Equatable, Sendable {
         public let mountpoint: String
         public let major: UInt32

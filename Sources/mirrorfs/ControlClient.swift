@@ -48,7 +48,7 @@ final class ControlClient {
         switch MountTable.readRootAttribute(name, of: mountpoint, timeout: deadline) {
         case .value(let value):
             return value
-        case .failed(ENOTCONN):
+        case .failed(let reason) where MountTable.daemonGone(reason):
             let resolved = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
             let source = MountTable.mirrorfsMounts().first { $0.mountpoint == resolved }?.source ?? "SOURCE"
             throw CLIError("the daemon of '\(mountpoint)' is gone (the mount is stale): 'mirrorfs mount \(source) \(mountpoint)' mounts it again, with the same --target to resume its job")

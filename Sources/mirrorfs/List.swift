@@ -30,7 +30,7 @@ extension Mirrorfs {
             let image = URL(fileURLWithPath: mount.source).lastPathComponent
             let path = mount.mountpoint
             switch MountTable.readRootAttribute(RootAttribute.pid, of: path, timeout: 2) {
-            case .failed(ENOTCONN):
+            case .failed(let reason) where MountTable.daemonGone(reason):
                 return [path, image, "-", "-", "-", "daemon gone: 'mirrorfs mount \(mount.source) \(path)' mounts it again"]
             case .failed(let reason):
                 return [path, image, "-", "-", "-", "unreadable: \(String(cString: strerror(reason)))"]

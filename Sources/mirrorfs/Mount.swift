@@ -412,7 +412,7 @@ enum MountpointCheck {
     static func validate(path: String) throws -> String {
         var st = stat()
         guard stat(path, &st) == 0 else {
-            if errno == ENOTCONN { return try detachStaleMount(path) }
+            if MountTable.daemonGone(errno) { return try detachStaleMount(path) }
             throw CLIError("mountpoint '\(path)': \(String(cString: strerror(errno)))")
         }
         guard (st.st_mode & S_IFMT) == S_IFDIR else {
@@ -420,7 +420,7 @@ enum MountpointCheck {
         }
         // stat may be answered from the kernel's cache even when the daemon behind is gone.
         guard let directory = opendir(path) else {
-            if errno == ENOTCONN { return try detachStaleMount(path) }
+            if MountTable.daemonGone(errno) { return try detachStaleMount(path) }
             throw CLIError("mountpoint '\(path)' cannot be listed: \(String(cString: strerror(errno)))")
         }
         // A live mirrorfs mount (a stale one failed the listing above).

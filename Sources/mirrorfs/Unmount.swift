@@ -13,7 +13,7 @@ extension Mirrorfs {
 
         func run() throws {
             guard let resolved = realpath(mountpoint, nil) else {
-                if errno == ENOTCONN { return try detachStale() }
+                if MountTable.daemonGone(errno) { return try detachStale() }
                 throw CLIError("mountpoint '\(mountpoint)': \(String(cString: strerror(errno)))")
             }
             let path = String(cString: resolved)
@@ -22,7 +22,7 @@ extension Mirrorfs {
                 throw CLIError("'\(mountpoint)' is not a mirrorfs mount")
             }
             let pidRead = MountTable.readRootAttribute(RootAttribute.pid, of: path, timeout: ControlClient.replyDeadline)
-            if case .failed(ENOTCONN) = pidRead { return try detachStale() }
+            if case .failed(let reason) = pidRead, MountTable.daemonGone(reason) { return try detachStale() }
             // What an unfinished job leaves behind, said after the unmount.
             // Asked only of a mount that answers (a stopped daemon would hold the reads).
             let daemon: pid_t? = if case .value(let pid) = pidRead { pid_t(pid) } else { nil }
