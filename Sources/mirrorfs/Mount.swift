@@ -225,6 +225,7 @@ extension Mirrorfs {
                 fuse = try FUSESession(fileSystem: fileSystem, mountpoint: mountpoint, options: options, takeover: takeover)
             } catch {
                 server.removeSocketFile()
+                if previous == nil { session.remove() }
                 abandonJob(filter, createdTarget: createdTarget)
                 throw error
             }
@@ -234,6 +235,7 @@ extension Mirrorfs {
             if case .failure = served, !fuse.didMount {
                 // Not mounted: the job this command started goes, with what it created.
                 server.removeSocketFile()
+                if previous == nil { session.remove() }
                 abandonJob(filter, createdTarget: createdTarget)
                 _ = try served.get()
             }

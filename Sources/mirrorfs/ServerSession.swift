@@ -21,8 +21,10 @@ struct SessionRecord: Codable {
 final class ServerSession: Sendable {
     let path: String
     let eventsPath: String
-    /// The record, and the bytes last written for it.
-    private let current = ConditionLock<(record: SessionRecord, written: Data?)>((SessionRecord(), nil))
+    /// The record, and the bytes last written for it. An empty record needs no file (a
+    /// fresh mount starts with none), so it counts as written.
+    private let current = ConditionLock<(record: SessionRecord, written: Data?)>(
+        (SessionRecord(), try? JSONEncoder().encode(SessionRecord())))
 
     /// Beside the mount's control socket (`S.qmp` → `S.session`, `S.events`).
     init(socketPath: String) {

@@ -79,5 +79,9 @@ final class LifecycleTests: XCTestCase {
         XCTAssertEqual(result.stderr.split(separator: "\n").count, 1, result.stderr)
         XCTAssertTrue(result.stderr.contains("cannot mount"), result.stderr)
         XCTAssertFalse(isMounted(mnt))
+        // Nothing of the failed mount is left in the user's runtime directory (socket, server record).
+        let left = ((try? FileManager.default.contentsOfDirectory(atPath: "/tmp/mirrorfs-65534")) ?? [])
+            .filter { $0.contains(URL(fileURLWithPath: scratch.path).lastPathComponent) }
+        XCTAssertEqual(left, [], "left behind by a mount that failed")
     }
 }
