@@ -13,6 +13,12 @@ public enum ImageWrite {
         }
     }
 
+    /// The data of `part` (relative to the write's start); nil for a hole or ZERO_RANGE.
+    func data(_ part: Range<UInt64>) -> UnsafeRawBufferPointer? {
+        guard case .data(let buffer) = self else { return nil }
+        return UnsafeRawBufferPointer(rebasing: buffer[Int(part.lowerBound)..<Int(part.upperBound)])
+    }
+
     /// The same operation on [offset+skip, offset+skip+length) of `device`. On a target,
     /// zeroes stay thin (SPEC 10, as QEMU's mirror with its zero bitmap): a ZERO_RANGE, a
     /// hole, or data that is all zero becomes write-zeroes (a hole where the target can
@@ -22,8 +28,8 @@ public enum ImageWrite {
                isTarget: Bool = false) throws(Errno) {
         guard length > 0 else { return }
         switch self {
-        case .data(let buffer):
-            let slice = UnsafeRawBufferPointer(rebasing: buffer[Int(skip)..<Int(skip + length)])
+        case .data:
+            let slice = data(skip..<skip + length)!
             if isTarget && isAllZero(slice) {
                 try writeZeroes(to: device, at: offset + skip, length: length, preferHole: true)
             } else {
@@ -101,15 +107,12 @@ extension MirrorState {
         if canWriteThrough && copyMode == .background && synced && error == nil && pendingExit == nil
             && !userPaused && !shuttingDown && targetUsable(now: now)
             && writeThroughs < WriteThroughQueue.depth
-            && !(op.chunks.contains { inFlight.isDirty($0) || isWaitedForByActiveWrite($0) }) {
+            && !(op.chunks.contains { inFlight.isDirty($0) || isWaitedForByActiveWrite($0) })
+            && !targetPart(offset: offset, length: length).isEmpty {
             claim(&op)
-            if !op.targetPart.isEmpty {
-                op.writeThrough = true
-                writeThroughs += 1
-                return .admitted(op)
-            }
-            inFlight.clear(op.chunks)
-            op.claimed = false
+            op.writeThrough = true
+            writeThroughs += 1
+            return .admitted(op)
         }
         unmirroredWrites += 1
         activelySynced = false
@@ -135,19 +138,27 @@ extension MirrorState {
     private mutating func claim(_ op: inout MirrorOp) {
         inFlight.set(op.chunks)
         op.claimed = true
+        let part = targetPart(offset: op.offset, length: op.length)
+        guard !part.isEmpty else { return }
+        dirty.clear(dirty.chunks(inside: op.offset + part.lowerBound, length: part.upperBound - part.lowerBound))
+        activeBytesInFlight += part.upperBound - part.lowerBound
+        op.targetPart = part
+    }
+
+    /// do_sync_target_write's head/tail rule: the part of a write (relative to `offset`)
+    /// that goes to the target; an unaligned head or tail inside a still-dirty chunk is
+    /// left to the copier.
+    func targetPart(offset: UInt64, length: UInt64) -> Range<UInt64> {
         let granularity = options.granularity
-        let offset = op.offset, end = op.offset + op.length
-        var head: UInt64 = 0, tail = op.length
+        let end = offset + length
+        var head: UInt64 = 0, tail = length
         if offset % granularity != 0 && dirty.isDirty(Int(offset / granularity)) {
-            head = min((offset / granularity + 1) * granularity - offset, op.length)
+            head = min((offset / granularity + 1) * granularity - offset, length)
         }
         if end % granularity != 0 && end != size && dirty.isDirty(Int((end - 1) / granularity)) {
             tail = max((end / granularity) * granularity, offset + head) - offset
         }
-        guard head < tail else { return }
-        dirty.clear(dirty.chunks(inside: offset + head, length: tail - head))
-        activeBytesInFlight += tail - head
-        op.targetPart = head..<tail
+        return head < tail ? head..<tail : 0..<0
     }
 
     /// The source write returned. Not mirrored, or failed: the range is dirty (a failed
@@ -276,10 +287,8 @@ extension MirrorJob {
         var op = op
         let part = op.targetPart
         var submitted: UInt64?
-        if case .data(let buffer) = write, let writeThroughQueue,
-           let fd = target.asynchronousWriteDescriptor(offset: op.offset + part.lowerBound,
-                                                        count: Int(part.upperBound - part.lowerBound), cache: cache) {
-            let slice = UnsafeRawBufferPointer(rebasing: buffer[Int(part.lowerBound)..<Int(part.upperBound)])
+        if let slice = write.data(part), let writeThroughQueue,
+           let fd = target.asynchronousWriteDescriptor(offset: op.offset + part.lowerBound, count: slice.count, cache: cache) {
             submitted = writeThroughQueue.submit(slice, to: fd, at: op.offset + part.lowerBound, for: op)
         }
         let sourceFailure = writeSource()
@@ -329,9 +338,7 @@ extension MirrorJob {
     /// nothing done, otherwise (zeroes go to the target as write-zeroes).
     private func writeTargetAsynchronously(_ write: ImageWrite, at offset: UInt64, part: Range<UInt64>, cache: CachePolicy,
                                            alongside writeSource: () -> Errno?) -> (Errno?, Errno?)? {
-        guard case .data(let buffer) = write else { return nil }
-        let slice = UnsafeRawBufferPointer(rebasing: buffer[Int(part.lowerBound)..<Int(part.upperBound)])
-        guard !isAllZero(slice) else { return nil }
+        guard let slice = write.data(part), !isAllZero(slice) else { return nil }
         return target.write(slice, at: offset + part.lowerBound, cache: cache, alongside: writeSource)
     }
 

@@ -19,10 +19,10 @@ final class WriteThroughQueue: Sendable {
     /// The largest write taken (larger ones are left to the copier).
     static let maxBytes = 1 << 20
 
-    private let context: UInt
+    private let context: AIOContext
     private struct Pending {
         let op: MirrorOp
-        /// The copy of the data (posix_memalign'd), freed (0) when reaped.
+        /// The copy of the data (posix_memalign'd), freed (then 0) when reaped.
         var buffer: UInt
         let count: Int
         /// The source write returned.
@@ -34,15 +34,13 @@ final class WriteThroughQueue: Sendable {
 
     /// Nil when the kernel gives no AIO context.
     init?() {
-        var context: UInt = 0
-        guard clinux_aio_setup(UInt32(Self.depth), &context) == 0 else { return nil }
+        guard let context = AIOContext(depth: Self.depth) else { return nil }
         self.context = context
     }
 
-    deinit {
-        clinux_aio_destroy(context)
-        for request in pending.withLock({ $0.requests.values }) { free(UnsafeMutableRawPointer(bitPattern: request.buffer)) }
-    }
+    // No deinit frees buffers: the queue goes with its job, after the reaper ended, which
+    // is once every request was settled (its buffer freed). One still in flight would be
+    // left allocated: the kernel may read it until the context is destroyed.
 
     /// Copies `data` and submits its write at `offset` of `fd` for `op`: the tag that
     /// `sourceDone` takes. Nil, with nothing in flight, when the kernel refused it.
@@ -55,7 +53,7 @@ final class WriteThroughQueue: Sendable {
             p.requests[p.next] = Pending(op: op, buffer: UInt(bitPattern: pointer), count: data.count)
             return p.next
         }
-        guard clinux_aio_submit_pwrite(context, fd, pointer, UInt(data.count), Int64(offset), tag) == 0 else {
+        guard context.submitWrite(fd, UnsafeRawBufferPointer(start: pointer, count: data.count), at: offset, tag: tag) else {
             _ = pending.withLock { $0.requests.removeValue(forKey: tag) }
             free(pointer)
             return nil
@@ -81,23 +79,21 @@ final class WriteThroughQueue: Sendable {
     /// op and failure of each whose source write has returned too, for the caller to
     /// settle. `nil` when the time ran out.
     func reap(timeout: Int32) -> [(MirrorOp, Errno?)]? {
-        var tags = [UInt64](repeating: 0, count: 16)
-        var results = [Int64](repeating: 0, count: 16)
-        let n = clinux_aio_wait(context, 16, timeout, &tags, &results)
-        guard n > 0 else { return nil }
-        return (0..<Int(n)).compactMap { i in
+        guard let completions = context.wait(max: 16, timeout: timeout) else { return nil }
+        return completions.compactMap { completion in
             pending.withLock { p -> (MirrorOp, Errno?)? in
-                guard let request = p.requests[tags[i]] else { return nil }
+                guard let request = p.requests[completion.tag] else { return nil }
                 free(UnsafeMutableRawPointer(bitPattern: request.buffer))
-                let result = results[i]
-                let failure: Errno? = result < 0 ? Errno(rawValue: CInt(-result))
-                    : (Int(result) < request.count ? .noSpace : nil)
+                let failure: Errno? = switch completion.written {
+                case .failure(let errno): errno
+                case .success(let n): n < request.count ? .noSpace : nil
+                }
                 guard request.sourceDone else {
-                    p.requests[tags[i]]?.targetDone = failure.map { .failure($0) } ?? .success(())
-                    p.requests[tags[i]]?.buffer = 0
+                    p.requests[completion.tag]?.targetDone = failure.map { .failure($0) } ?? .success(())
+                    p.requests[completion.tag]?.buffer = 0
                     return nil
                 }
-                p.requests[tags[i]] = nil
+                p.requests[completion.tag] = nil
                 return (request.op, failure)
             }
         }
