@@ -203,12 +203,44 @@ final class Mount {
         let deadline = Date().addingTimeInterval(timeout)
         while process.isRunning && Date() < deadline { usleep(10_000) }
         if process.isRunning {
+            // What each thread of the daemon waits in, and what it logged: the test log
+            // says why it did not end.
+            print("the daemon of \(mountpoint) did not exit within \(Int(timeout)) s:\n" + threadStates())
+            print(loggedSoFar())
             process.interrupt()
             _ = try? execute("/usr/bin/fusermount3", ["-u", "-z", mountpoint])
             process.waitUntilExit()
             return -1
         }
         return process.terminationStatus
+    }
+
+    /// What the daemon wrote to its stderr so far, without waiting for more.
+    func loggedSoFar() -> String {
+        let fd = stderrPipe.fileHandleForReading.fileDescriptor
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &chunk, chunk.count)
+            guard n > 0 else { break }
+            bytes += chunk[..<n]
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Every thread of the keeper and its server: name, state and kernel wait channel.
+    func threadStates() -> String {
+        ([process.processIdentifier] + childPIDs(of: process.processIdentifier)).flatMap { pid in
+            ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []).sorted().map { task in
+                let dir = "/proc/\(pid)/task/\(task)/"
+                let read = { (name: String) in
+                    ((try? String(contentsOfFile: dir + name, encoding: .utf8)) ?? "?").trimmingCharacters(in: .whitespacesAndNewlines)
+                }
+                let state = read("status").split(separator: "\n").first { $0.hasPrefix("State:") } ?? "?"
+                return "  \(pid)/\(task) \(read("comm")) \(state) wchan=\(read("wchan")) \(read("syscall"))"
+            }
+        }.joined(separator: "\n")
     }
 
     deinit {
