@@ -299,7 +299,7 @@ extension MirrorJob {
         if let tag = submitted {
             // Settled by whichever half ends last: the chunks stay claimed until the source
             // holds the new data, so no copy can read the old data and write it over the new.
-            if let (done, failure) = writeThroughQueue?.sourceDone(tag) { settleWriteThroughs([(done, failure)]) }
+            if let done = writeThroughQueue?.sourceDone(tag), !done.isEmpty { settleWriteThroughs(done) }
         } else {
             log?.finished(offset: op.offset, length: op.length)
             let wake = state.withLock { $0.activeWriteSettle(op, targetFailure: nil, notWritten: true, now: now) }

@@ -1,6 +1,5 @@
 import CLinux
 import Glibc
-import Synchronization
 import SystemPackage
 
 /// A background job's writes through to the target, after ready (SPEC 4: the copier
@@ -30,7 +29,14 @@ final class WriteThroughQueue: Sendable {
         /// The target write's outcome, once reaped.
         var targetDone: Result<Void, Errno>?
     }
-    private let pending = Mutex<(next: UInt64, requests: [UInt64: Pending])>((1, [:]))
+    private struct Requests {
+        var next: UInt64 = 1
+        var requests: [UInt64: Pending] = [:]
+        /// Requests whose source write returned before their target write was reaped: the
+        /// reaper waits for these in the kernel (and only while there are some).
+        var stragglers = 0
+    }
+    private let pending = ConditionLock(Requests())
 
     /// Nil when the kernel gives no AIO context.
     init?() {
@@ -61,41 +67,78 @@ final class WriteThroughQueue: Sendable {
         return tag
     }
 
-    /// The source write of `tag` returned: its op and the target's failure when the target
-    /// write was reaped already (the caller settles it), else nil (the reaper will).
-    func sourceDone(_ tag: UInt64) -> (MirrorOp, Errno?)? {
-        pending.withLock { p -> (MirrorOp, Errno?)? in
-            guard let request = p.requests[tag] else { return nil }
-            guard let target = request.targetDone else {
-                p.requests[tag]?.sourceDone = true
-                return nil
-            }
-            p.requests[tag] = nil
-            return (request.op, target.failure)
-        }
+    /// The source write of `tag` returned. The writer takes whatever completions the kernel
+    /// has (without waiting): the ops and target failures to settle now — its own when its
+    /// target write is done too, and any other whose source write had returned. Its own is
+    /// left to the reaper otherwise. So a target write that ends before the source write,
+    /// the usual case, wakes no other thread.
+    func sourceDone(_ tag: UInt64) -> [(MirrorOp, Errno?)] {
+        sourceDone(tag, harvested: harvest(timeout: 0))
     }
 
-    /// Waits up to `timeout` ms for completions (a short write counts as out of space): the
-    /// op and failure of each whose source write has returned too, for the caller to
-    /// settle. `nil` when the time ran out.
-    func reap(timeout: Int32) -> [(MirrorOp, Errno?)]? {
-        guard let completions = context.wait(max: 16, timeout: timeout) else { return nil }
-        return completions.compactMap { completion in
-            pending.withLock { p -> (MirrorOp, Errno?)? in
-                guard let request = p.requests[completion.tag] else { return nil }
-                free(UnsafeMutableRawPointer(bitPattern: request.buffer))
-                let failure: Errno? = switch completion.written {
-                case .failure(let errno): errno
-                case .success(let n): n < request.count ? .noSpace : nil
-                }
-                guard request.sourceDone else {
-                    p.requests[completion.tag]?.targetDone = failure.map { .failure($0) } ?? .success(())
-                    p.requests[completion.tag]?.buffer = 0
-                    return nil
-                }
-                p.requests[completion.tag] = nil
-                return (request.op, failure)
+    /// Up to 16 completions from the kernel, waiting up to `timeout` ms (forever when
+    /// negative) for the first: each one's tag and bytes written or errno.
+    func harvest(timeout: Int32) -> [(tag: UInt64, written: Result<Int, Errno>)] {
+        context.wait(max: 16, timeout: timeout) ?? []
+    }
+
+    /// `sourceDone` with the completions the writer took from the kernel.
+    func sourceDone(_ tag: UInt64, harvested completions: [(tag: UInt64, written: Result<Int, Errno>)]) -> [(MirrorOp, Errno?)] {
+        var wakeReaper = false
+        let settled = pending.withLock { p -> [(MirrorOp, Errno?)] in
+            var settled = Self.record(completions, in: &p)
+            guard let request = p.requests[tag] else { return settled }
+            if let target = request.targetDone {
+                p.requests[tag] = nil
+                settled.append((request.op, target.failure))
+            } else {
+                p.requests[tag]?.sourceDone = true
+                p.stragglers += 1
+                wakeReaper = p.stragglers == 1
             }
+            return settled
+        }
+        if wakeReaper { pending.signal() }
+        return settled
+    }
+
+    /// For the reaper: waits up to `timeout` ms for completions while some source write
+    /// returned before its target write was reaped, else up to `timeout` ms for there to
+    /// be one. The op and failure of each completion whose source write has returned too,
+    /// for the caller to settle; `nil` when the time ran out.
+    func reap(timeout: Int32) -> [(MirrorOp, Errno?)]? {
+        var waited = false
+        let waiting = pending.withLock(waiting: { p -> ConditionLock<Requests>.Decision<Bool> in
+            if p.stragglers > 0 { return .done(true) }
+            if waited { return .done(false) }
+            waited = true
+            return .wait(timeout: Double(timeout) / 1000)
+        })
+        guard waiting else { return nil }
+        let completions = harvest(timeout: timeout)
+        guard !completions.isEmpty else { return nil }
+        return pending.withLock { Self.record(completions, in: &$0) }
+    }
+
+    /// Frees each completion's buffer and records its outcome (a short write counts as out
+    /// of space): the op and failure of each whose source write has returned, to settle.
+    private static func record(_ completions: [(tag: UInt64, written: Result<Int, Errno>)],
+                               in p: inout Requests) -> [(MirrorOp, Errno?)] {
+        completions.compactMap { completion in
+            guard let request = p.requests[completion.tag] else { return nil }
+            free(UnsafeMutableRawPointer(bitPattern: request.buffer))
+            let failure: Errno? = switch completion.written {
+            case .failure(let errno): errno
+            case .success(let n): n < request.count ? .noSpace : nil
+            }
+            guard request.sourceDone else {
+                p.requests[completion.tag]?.targetDone = failure.map { .failure($0) } ?? .success(())
+                p.requests[completion.tag]?.buffer = 0
+                return nil
+            }
+            p.requests[completion.tag] = nil
+            p.stragglers -= 1
+            return (request.op, failure)
         }
     }
 }

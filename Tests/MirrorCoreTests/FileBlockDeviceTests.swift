@@ -66,7 +66,9 @@ final class FileBlockDeviceTests: XCTestCase {
 
     /// Should leave a write-through to whichever of its halves ends last: the target's
     /// completion reaped before the source write returned is not settled yet, nor the
-    /// reverse; each op settles exactly once.
+    /// reverse; each op settles exactly once. The writer takes what the kernel completed
+    /// without waiting; the reaper waits in the kernel only for a source write that
+    /// returned before its target write was reaped.
     func testAWriteThroughSettlesWhenBothHalvesAreDone() throws {
         let pool = AlignedBufferPool(bufferSize: 1 << 20)
         let device = try FileBlockDevice(path: makeFile(size: 1 << 20), readOnly: false, bufferPool: pool)
@@ -80,20 +82,35 @@ final class FileBlockDeviceTests: XCTestCase {
             return settled
         }
         let op = MirrorOp(offset: 8192, length: 4096, chunks: 0..<1, mirrored: false)
-        // Target first: the reaper leaves it to the writer.
+        // No source write has returned: the reaper does not take the completion.
         let first = try XCTUnwrap(data.withUnsafeBytes { queue.submit($0, to: fd, at: 8192, for: op) })
         XCTAssertTrue(reapAll().isEmpty, "settled before the source write returned")
+        // The writer takes its own completion from the kernel and settles it.
         let byWriter = queue.sourceDone(first)
-        XCTAssertEqual(byWriter?.0, op)
-        XCTAssertNil(byWriter?.1 ?? nil)
-        // Source first: the writer leaves it to the reaper.
+        XCTAssertEqual(byWriter.map(\.0), [op])
+        XCTAssertNil(byWriter.first?.1 ?? nil)
+        // Source first (the writer found nothing completed): the reaper waits for it.
         let second = try XCTUnwrap(data.withUnsafeBytes { queue.submit($0, to: fd, at: 8192, for: op) })
-        XCTAssertNil(queue.sourceDone(second))
+        XCTAssertTrue(queue.sourceDone(second, harvested: []).isEmpty)
         let byReaper = reapAll()
         XCTAssertEqual(byReaper.map(\.0), [op])
+        XCTAssertTrue(reapAll().isEmpty, "settled twice")
         var back = [UInt8](repeating: 0, count: 4096)
         _ = try back.withUnsafeMutableBytes { try device.read(into: $0, at: 8192, cache: .cached) }
         XCTAssertEqual(back, data)
+        // A writer that takes another's completion settles that one too, once.
+        let other = MirrorOp(offset: 0, length: 4096, chunks: 0..<1, mirrored: false)
+        let third = try XCTUnwrap(data.withUnsafeBytes { queue.submit($0, to: fd, at: 8192, for: op) })
+        let fourth = try XCTUnwrap(data.withUnsafeBytes { queue.submit($0, to: fd, at: 0, for: other) })
+        var completed: [(tag: UInt64, written: Result<Int, Errno>)] = []
+        let deadline = Date().addingTimeInterval(10)
+        while completed.count < 2 && Date() < deadline { completed += queue.harvest(timeout: 1000) }
+        XCTAssertEqual(completed.map(\.tag).sorted(), [third, fourth])
+        XCTAssertTrue(queue.sourceDone(third, harvested: []).isEmpty)
+        let both = queue.sourceDone(fourth, harvested: completed)
+        XCTAssertEqual(Set(both.map(\.0.offset)), [op.offset, other.offset])
+        XCTAssertEqual(both.count, 2)
+        XCTAssertTrue(reapAll().isEmpty, "settled twice")
     }
 
     func testReadsStopAtTheEnd() throws {
