@@ -201,16 +201,33 @@ public final class MirrorFilter: Sendable {
     /// Writes at `offset`, cut at the end of the image: returns the bytes written,
     /// ENOSPC when none fit (the image never grows).
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno) -> Int {
+        var written = 0
+        try write(buffer, at: offset, cache: cache) { written = $0 }
+        return written
+    }
+
+    /// `write`, answering through `reply` (the bytes written), called once when the write
+    /// succeeded; a failure is thrown instead. Work that the user need not wait for (a
+    /// background write through to the target) runs after `reply`, before this returns.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy,
+                      reply: (Int) -> Void) throws(Errno) {
         guard !isReadOnly else { throw .readOnlyFileSystem }
-        guard !buffer.isEmpty else { return 0 }
+        guard !buffer.isEmpty else { return reply(0) }
         guard offset < size else { throw .noSpace }
         let count = Int(min(UInt64(buffer.count), size - offset))
-        try route(.data(UnsafeRawBufferPointer(rebasing: buffer[0..<count])), at: offset, cache: cache)
-        return count
+        var replied = false
+        try route(.data(UnsafeRawBufferPointer(rebasing: buffer[0..<count])), at: offset, cache: cache) {
+            replied = true
+            reply(count)
+        }
+        if !replied { reply(count) }
     }
 
     /// Sends a write to the job while one sees writes, else straight to the device.
-    private func route(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy) throws(Errno) {
+    /// `written`: the job may call it once the write is on the source and nothing it still
+    /// does can fail the write (the caller then replies at once).
+    private func route(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy,
+                       written: () -> Void = {}) throws(Errno) {
         writesServed.add(1, ordering: .sequentiallyConsistent)
         while true {
             unmirroredWrites.add(1, ordering: .sequentiallyConsistent)
@@ -225,7 +242,7 @@ public final class MirrorFilter: Sendable {
                 return try write.apply(to: device, at: offset, skip: 0, length: write.length, cache: cache)
             }
             unmirroredWrites.subtract(1, ordering: .sequentiallyConsistent)
-            if try writer.filterWrite(write, at: offset, cache: cache) == .done { return }
+            if try writer.filterWrite(write, at: offset, cache: cache, sourceWritten: written) == .done { return }
         }
     }
 

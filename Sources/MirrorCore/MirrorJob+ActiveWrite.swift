@@ -224,7 +224,11 @@ extension MirrorJob {
     ///
     /// No bounce buffer: the data is libfuse's request buffer, which the kernel already
     /// copied from the user and which nobody changes until the reply.
-    public func filterWrite(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy) throws(Errno) -> FilterWriteResult {
+    ///
+    /// `sourceWritten`: called for a background write through, once the source holds it, so
+    /// the caller replies before the target part is submitted (the user does not wait for it).
+    public func filterWrite(_ write: ImageWrite, at offset: UInt64, cache: CachePolicy,
+                            sourceWritten: () -> Void = {}) throws(Errno) -> FilterWriteResult {
         let length = write.length
         guard var op = activeWritePrepare(offset: offset, length: length,
                                           canWriteThrough: canWriteThrough(write, at: offset, cache: cache))
@@ -236,7 +240,9 @@ extension MirrorJob {
         func writeSource() -> Errno? {
             Result { () throws(Errno) in try write.apply(to: source, at: offset, skip: 0, length: length, cache: cache) }.failure
         }
-        if op.writeThrough { return try writeThrough(write, op: op, cache: cache, writeSource: writeSource) }
+        if op.writeThrough {
+            return try writeThrough(write, op: op, cache: cache, writeSource: writeSource, sourceWritten: sourceWritten)
+        }
         var targetFailure: Errno?
         let sourceFailure: Errno?
         if op.targetPart.isEmpty {
@@ -280,33 +286,41 @@ extension MirrorJob {
         return !isAllZero(buffer)
     }
 
-    /// A background write after ready, its chunks claimed: the target part is submitted
-    /// before the source write, the reply does not wait for it; the reaper settles it.
+    /// A background write after ready, its chunks claimed: the source write, then the reply
+    /// (`sourceWritten`), then the target part is submitted from a copy of the data; whoever
+    /// reaps its completion settles it. Writing the source first leaves it the disk alone,
+    /// and the target write runs while the reply travels and the next request comes.
     private func writeThrough(_ write: ImageWrite, op: MirrorOp, cache: CachePolicy,
-                              writeSource: () -> Errno?) throws(Errno) -> FilterWriteResult {
+                              writeSource: () -> Errno?, sourceWritten: () -> Void) throws(Errno) -> FilterWriteResult {
         var op = op
-        let part = op.targetPart
-        var submitted: UInt64?
-        if let slice = write.data(part), let writeThroughQueue,
-           let fd = target.asynchronousWriteDescriptor(offset: op.offset + part.lowerBound, count: slice.count, cache: cache) {
-            submitted = writeThroughQueue.submit(slice, to: fd, at: op.offset + part.lowerBound, for: op)
-        }
-        let sourceFailure = writeSource()
-        let now = clock.now()
-        if sourceFailure != nil {
+        if let sourceFailure = writeSource() {
+            // Nothing went to the target: the range is dirty, the copier brings the source over.
+            let now = clock.now()
             state.withLock { $0.sourceWritten(&op, succeeded: false, now: now) }
+            settleUnwritten(op)
+            throw sourceFailure
         }
-        if let tag = submitted {
-            // Settled by whichever half ends last: the chunks stay claimed until the source
-            // holds the new data, so no copy can read the old data and write it over the new.
-            if let done = writeThroughQueue?.sourceDone(tag), !done.isEmpty { settleWriteThroughs(done) }
-        } else {
-            log?.finished(offset: op.offset, length: op.length)
-            let wake = state.withLock { $0.activeWriteSettle(op, targetFailure: nil, notWritten: true, now: now) }
-            self.wake(wake)
+        sourceWritten()
+        let part = op.targetPart
+        guard let slice = write.data(part), let writeThroughQueue,
+              let fd = target.asynchronousWriteDescriptor(offset: op.offset + part.lowerBound, count: slice.count, cache: cache),
+              let tag = writeThroughQueue.submit(slice, to: fd, at: op.offset + part.lowerBound, for: op)
+        else {
+            settleUnwritten(op)
+            return .done
         }
-        if let sourceFailure { throw sourceFailure }
+        // Settles whatever the kernel completed meanwhile (this one's own, rarely).
+        let done = writeThroughQueue.sourceDone(tag)
+        if !done.isEmpty { settleWriteThroughs(done) }
         return .done
+    }
+
+    /// A write through whose target part never went out: dirty again, for the copier.
+    private func settleUnwritten(_ op: MirrorOp) {
+        log?.finished(offset: op.offset, length: op.length)
+        let now = clock.now()
+        let wake = state.withLock { $0.activeWriteSettle(op, targetFailure: nil, notWritten: true, now: now) }
+        self.wake(wake)
     }
 
     private func settleWriteThroughs(_ done: [(MirrorOp, Errno?)]) {

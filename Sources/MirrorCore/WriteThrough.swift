@@ -5,7 +5,8 @@ import SystemPackage
 /// A background job's writes through to the target, after ready (SPEC 4: the copier
 /// catches up): a user's O_DIRECT data write into chunks that are clean and that nothing
 /// holds goes to the target from a copy of its own data, submitted to the kernel (Linux
-/// AIO) while the source write runs, and the user's reply does not wait for it. Its chunks
+/// AIO) once the source write returned and the reply went out: the user waits for neither
+/// the target write nor its submission, and the source write has the disk alone. Its chunks
 /// stay claimed until both halves are done — the source write returned and the target
 /// write's completion reaped (`MirrorJob.reapWriteThroughs`), whichever comes last settles
 /// it — so no copy reads the chunk before the source holds the new data, and no copy or
@@ -70,8 +71,8 @@ final class WriteThroughQueue: Sendable {
     /// The source write of `tag` returned. The writer takes whatever completions the kernel
     /// has (without waiting): the ops and target failures to settle now — its own when its
     /// target write is done too, and any other whose source write had returned. Its own is
-    /// left to the reaper otherwise. So a target write that ends before the source write,
-    /// the usual case, wakes no other thread.
+    /// left to a later writer or the reaper otherwise, so a steady stream of writes settles
+    /// on the writers' own threads and wakes no other.
     func sourceDone(_ tag: UInt64) -> [(MirrorOp, Errno?)] {
         sourceDone(tag, harvested: harvest(timeout: 0))
     }
@@ -102,10 +103,13 @@ final class WriteThroughQueue: Sendable {
         return settled
     }
 
-    /// For the reaper: waits up to `timeout` ms for completions while some source write
-    /// returned before its target write was reaped, else up to `timeout` ms for there to
-    /// be one. The op and failure of each completion whose source write has returned too,
-    /// for the caller to settle; `nil` when the time ran out.
+    /// For the reaper: while some source write returned before its target write was
+    /// reaped, takes what the kernel completed a millisecond later (writers take most
+    /// completions as their own source writes return: the reaper is there for the last
+    /// writes before a pause, and wakes at most a thousand times a second); else waits up
+    /// to `timeout` ms for there to be one. The op and failure of each completion whose
+    /// source write has returned too, for the caller to settle (none yet, maybe); `nil`
+    /// when no source write waits for its target write.
     func reap(timeout: Int32) -> [(MirrorOp, Errno?)]? {
         var waited = false
         let waiting = pending.withLock(waiting: { p -> ConditionLock<Requests>.Decision<Bool> in
@@ -115,8 +119,9 @@ final class WriteThroughQueue: Sendable {
             return .wait(timeout: Double(timeout) / 1000)
         })
         guard waiting else { return nil }
-        let completions = harvest(timeout: timeout)
-        guard !completions.isEmpty else { return nil }
+        usleep(1000)
+        let completions = harvest(timeout: 0)
+        guard !completions.isEmpty else { return [] }
         return pending.withLock { Self.record(completions, in: &$0) }
     }
 

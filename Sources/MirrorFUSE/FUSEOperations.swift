@@ -182,9 +182,8 @@ func makeLowLevelOperations() -> fuse_lowlevel_ops {
         let fs = fileSystem(req)
         guard node(ino) == .image, let buf else { return replyError(req, .permissionDenied) }
         do throws(Errno) {
-            let written = try fs.filter.write(UnsafeRawBufferPointer(start: buf, count: size),
-                                              at: UInt64(offset), cache: ImageHandle.cachePolicy(fi))
-            fuse_reply_write(req, written)
+            try fs.filter.write(UnsafeRawBufferPointer(start: buf, count: size), at: UInt64(offset),
+                                cache: ImageHandle.cachePolicy(fi)) { fuse_reply_write(req, $0) }
         } catch {
             replyError(req, error)
         }
