@@ -223,7 +223,8 @@ extension MirrorJob {
     /// target failure goes to the error policy.
     ///
     /// No bounce buffer: the data is libfuse's request buffer, which the kernel already
-    /// copied from the user and which nobody changes until the reply.
+    /// copied from the user and which nobody changes until this callback returns (after
+    /// the reply, a write through still copies its target part from it).
     ///
     /// `sourceWritten`: called for a background write through, once the source holds it, so
     /// the caller replies before the target part is submitted (the user does not wait for it).

@@ -8,9 +8,9 @@ import SystemPackage
 /// AIO) once the source write returned and the reply went out: the user waits for neither
 /// the target write nor its submission, and the source write has the disk alone. Its chunks
 /// stay claimed until both halves are done — the source write returned and the target
-/// write's completion reaped (`MirrorJob.reapWriteThroughs`), whichever comes last settles
-/// it — so no copy reads the chunk before the source holds the new data, and no copy or
-/// other write reaches the target's chunk meanwhile; a failure re-dirties the part and goes to the
+/// write's completion reaped (by a writer, or `MirrorJob.reapWriteThroughs`) — so no copy
+/// reads the chunk before the source holds the new data, and no copy or other write
+/// reaches the target's chunk meanwhile; a failure re-dirties the part and goes to the
 /// error policy, as a mirrored write's does. Without it, each 4 KiB write dirtied a 64 KiB
 /// chunk that the copier then read and wrote whole: 32 times the I/O.
 final class WriteThroughQueue: Sendable {
@@ -34,7 +34,7 @@ final class WriteThroughQueue: Sendable {
         var next: UInt64 = 1
         var requests: [UInt64: Pending] = [:]
         /// Requests whose source write returned before their target write was reaped: the
-        /// reaper waits for these in the kernel (and only while there are some).
+        /// reaper comes by for these (and only while there are some).
         var stragglers = 0
     }
     private let pending = ConditionLock(Requests())
