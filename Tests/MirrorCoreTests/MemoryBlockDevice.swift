@@ -13,15 +13,16 @@ final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
     private static let block: UInt64 = 4096
     /// Fail writes (and punches) with this error for the next `failWritesCount` calls.
     let failWrites = Mutex<(error: Errno, count: Int)?>(nil)
-    /// Extra latency per write, to widen race windows.
-    let writeDelay: useconds_t
+    /// Each write gives up the CPU before its bytes land, so other threads (copies, other
+    /// writes) run in between: wider race windows, with no time in the test.
+    let yieldsMidWrite: Bool
     /// When set, the next write signals `entered` and then waits for `proceed` before its
     /// bytes land: a write held in flight at a moment the test chooses.
     let gate = Mutex<(entered: DispatchSemaphore, proceed: DispatchSemaphore)?>(nil)
 
-    init(size: UInt64, writeDelay: useconds_t = 0) {
+    init(size: UInt64, yieldsMidWrite: Bool = false) {
         self.size = size
-        self.writeDelay = writeDelay
+        self.yieldsMidWrite = yieldsMidWrite
         bytes = [UInt8](repeating: 0, count: Int(size))
         allocated = [Bool](repeating: false, count: Int((size + Self.block - 1) / Self.block))
     }
@@ -48,7 +49,7 @@ final class MemoryBlockDevice: BlockDevice, @unchecked Sendable {
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cache: CachePolicy) throws(Errno) {
-        if writeDelay > 0 { usleep(writeDelay) }
+        if yieldsMidWrite { sched_yield() }
         if let held = gate.withLock({ g in defer { g = nil }; return g }) {
             held.entered.signal()
             held.proceed.wait()

@@ -130,7 +130,7 @@ final class MirrorJobTests: XCTestCase {
         for seed in UInt64(1)...8 {
             let size: UInt64 = 4 << 20
             let (filter, source) = makeFilter(size: size, seed: seed)
-            let target = MemoryBlockDevice(size: size, writeDelay: 50)
+            let target = MemoryBlockDevice(size: size, yieldsMidWrite: true)
             let recorder = EventRecorder()
             filter.addEventListener { recorder.record($0) }
             var options = MirrorOptions(jobID: "disk.raw")
@@ -163,7 +163,7 @@ final class MirrorJobTests: XCTestCase {
         for seed in UInt64(20)...23 {
             let size: UInt64 = 2 << 20
             let (filter, source) = makeFilter(size: size, seed: seed)
-            let target = MemoryBlockDevice(size: size, writeDelay: 20)
+            let target = MemoryBlockDevice(size: size, yieldsMidWrite: true)
             let recorder = EventRecorder()
             filter.addEventListener { recorder.record($0) }
             var options = MirrorOptions(jobID: "disk.raw")
@@ -203,12 +203,18 @@ final class MirrorJobTests: XCTestCase {
 
     func testCancelBeforeReadyEmitsCancelled() throws {
         let (filter, source) = makeFilter(size: 4 << 20, seed: 6)
-        let target = MemoryBlockDevice(size: 4 << 20, writeDelay: 20_000)
+        let target = MemoryBlockDevice(size: 4 << 20)
+        // The first copy's write is held in the target: the job cannot be ready when cancelled.
+        let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
+        target.gate.withLock { $0 = (entered, proceed) }
         let recorder = EventRecorder()
         filter.addEventListener { recorder.record($0) }
         let job = try filter.startMirror(to: target, options: MirrorOptions(jobID: "disk.raw"))
+        XCTAssertEqual(entered.wait(timeout: .now() + 10), .success, "no copy reached the target")
         try job.cancel(force: false)
+        proceed.signal()
         recorder.wait(for: "JSC null")
+        XCTAssertFalse(recorder.names().contains("BLOCK_JOB_READY"))
         XCTAssertEqual(recorder.names().suffix(4), ["JSC aborting", "BLOCK_JOB_CANCELLED", "JSC concluded", "JSC null"])
         XCTAssertTrue(filter.device === source)
         XCTAssertEqual(filter.jobJSON(), "null\n")
@@ -216,12 +222,17 @@ final class MirrorJobTests: XCTestCase {
 
     func testVerbsFollowQEMUsTables() throws {
         let (filter, _) = makeFilter(size: 1 << 20, seed: 7)
-        let target = MemoryBlockDevice(size: 1 << 20, writeDelay: 5_000)
+        let target = MemoryBlockDevice(size: 1 << 20)
+        // The first copy's write is held in the target until the job has been paused: it
+        // stays running (not ready) for the verbs tried meanwhile.
+        let entered = DispatchSemaphore(value: 0), proceed = DispatchSemaphore(value: 0)
+        target.gate.withLock { $0 = (entered, proceed) }
         let recorder = EventRecorder()
         filter.addEventListener { recorder.record($0) }
         var options = MirrorOptions(jobID: "job0")
         options.speed = 64 << 10
         let job = try filter.startMirror(to: target, options: options)
+        XCTAssertEqual(entered.wait(timeout: .now() + 10), .success, "no copy reached the target")
         XCTAssertThrowsError(try job.complete()) {
             XCTAssertEqual(($0 as? JobError)?.description, "Job 'job0' in state 'running' cannot accept command verb 'complete'")
         }
@@ -230,6 +241,7 @@ final class MirrorJobTests: XCTestCase {
         }
         try job.pause()
         XCTAssertThrowsError(try job.pause()) { XCTAssertEqual(($0 as? JobError)?.description, "Job is already paused") }
+        proceed.signal()
         recorder.wait(for: "JSC paused")
         XCTAssertThrowsError(try job.cancel(force: false)) {
             XCTAssertEqual(($0 as? JobError)?.description, "The block job for device 'job0' is currently paused")
